@@ -1,0 +1,1 @@
+"""SPL: Soft Preference Learning, a from-scratch PyTorch reference implementation."""
