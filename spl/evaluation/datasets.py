@@ -1,0 +1,378 @@
+"""Readers for the evaluation data shipped in ``data/`` (see data/README.md for sources).
+
+One reader per format: GSM8K and MATH-500 (best-of-N, §4.2), MMLU and TruthfulQA MC1
+(calibration, §4.3 / App. D), HH-RLHF prompts (diversity, §4.1), GlobalOpinionQA (opinion
+representation) and the Political Compass propositions (App. E). Every reader reports a
+malformed line as ``file:line: problem`` so a broken file is fixed in one look.
+
+The multiple-choice prompt of App. D lives here too, because it is a property of how these
+datasets are posed to the model: letters, option order and the shuffle that TruthfulQA needs.
+"""
+
+import json
+import random
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from spl.evaluation.math_answers import gsm8k_gold_answer
+
+# The repository's data folder (spl/evaluation/datasets.py -> repo root / data).
+DATA_DIR = Path(__file__).resolve().parents[2] / "data"
+
+# Default files, relative to DATA_DIR.
+GSM8K_TEST = "gsm8k/test.jsonl"
+MATH500_TEST = "math/math500_test.jsonl"
+MATH500_LEVELS_1_3_5 = "math/math500_L1_L3_L5_40each.jsonl"
+MMLU_SUBSET = "mmlu/test_first20_per_subject.jsonl"
+TRUTHFULQA_MC = "truthfulqa_mc/mc_task.jsonl"
+HH_RLHF_SPLIT = "hh_rlhf/helpful_base_test_first800_split.jsonl"
+HH_RLHF_RAW = "hh_rlhf/helpful_base_test_first800.jsonl"
+GLOBAL_OPINIONS_US = "global_opinions/globalopinionqa_united_states.jsonl"
+GLOBAL_OPINIONS_ALL = "global_opinions/globalopinionqa_first400_questions_all_countries.jsonl"
+POLITICAL_COMPASS = "political_compass/pct_propositions.jsonl"
+
+# Appendix D's prompt, verbatim (the paper shows four options, A-D). ``format_multiple_choice``
+# extends the same layout to the 2-13 options of TruthfulQA MC1.
+CALIBRATION_PROMPT = (
+    "Please answer the following multiple choice question. Start your answer with the capital "
+    "letter corresponding to your choice:\n\n"
+    "{question}\n\n"
+    "Answer choices:\n\n"
+    "A. {option_a}\n\n"
+    "B. {option_b}\n\n"
+    "C. {option_c}\n\n"
+    "D. {option_d}\n\n"
+    "Your answer:"
+)
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+class DataFormatError(ValueError):
+    """A data file does not have the expected format; the message names file and line."""
+
+
+def data_path(relative: str | Path) -> Path:
+    """Absolute path of a file in the repository's data folder, with a clear error if absent."""
+    path = DATA_DIR / relative
+    if not path.is_file():
+        raise FileNotFoundError(f"evaluation data file {path} not found; the data/ folder ships "
+                                "with the repository (see data/README.md)")
+    return path
+
+
+def read_jsonl(path: str | Path, required: dict[str, type | tuple[type, ...]]) -> list[dict[str, Any]]:
+    """Records of a JSONL file; each must be an object holding ``required`` fields of those types.
+
+    Blank lines are skipped. Errors read ``path:line: ...`` with 1-based line numbers; each
+    record also gets a ``_where`` entry ("path:line") so later checks can report the same way.
+    """
+    path = Path(path)
+    records = []
+    with path.open(encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{line_no}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataFormatError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(record, dict):
+                raise DataFormatError(f"{where}: expected a JSON object, got {type(record).__name__}")
+            for name, kind in required.items():
+                if name not in record:
+                    raise DataFormatError(f"{where}: missing field {name!r}")
+                # bool is an int in Python; a level of `true` is still a format error.
+                if not isinstance(record[name], kind) or (isinstance(record[name], bool) and kind is int):
+                    raise DataFormatError(f"{where}: field {name!r} should be {_type_name(kind)}, "
+                                          f"got {type(record[name]).__name__}")
+            record["_where"] = where
+            records.append(record)
+    return records
+
+
+def _type_name(kind: type | tuple[type, ...]) -> str:
+    return " or ".join(k.__name__ for k in kind) if isinstance(kind, tuple) else kind.__name__
+
+
+def _resolve(path: str | Path | None, default: str) -> Path:
+    """``path`` as given if it exists, else relative to DATA_DIR (so ``MMLU_SUBSET`` works too)."""
+    if path is None:
+        return data_path(default)
+    if Path(path).is_file() or Path(path).is_absolute():
+        return Path(path)
+    return data_path(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Best-of-N math
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class MathProblem:
+    """A GSM8K or MATH problem; ``answer`` is the gold final answer as text."""
+
+    id: str
+    question: str
+    solution: str
+    answer: str
+    level: int | None = None  # MATH difficulty 1-5; None for GSM8K
+    subject: str | None = None
+
+
+def load_gsm8k(path: str | Path | None = None) -> list[MathProblem]:
+    """GSM8K test problems; the gold answer is the number after the solution's "####"."""
+    problems = []
+    for i, r in enumerate(read_jsonl(_resolve(path, GSM8K_TEST), {"question": str, "answer": str})):
+        try:
+            gold = gsm8k_gold_answer(r["answer"])
+        except ValueError as e:
+            raise DataFormatError(f"{r['_where']}: {e}") from None
+        problems.append(MathProblem(id=f"gsm8k-{i}", question=r["question"], solution=r["answer"],
+                                    answer=gold))
+    return problems
+
+
+def load_math(path: str | Path | None = None, levels: set[int] | None = None) -> list[MathProblem]:
+    """MATH-500 problems (or any file with its fields), optionally only some levels."""
+    fields = {"problem": str, "solution": str, "answer": str, "level": int, "unique_id": str}
+    problems = []
+    for r in read_jsonl(_resolve(path, MATH500_TEST), fields):
+        if not 1 <= r["level"] <= 5:
+            raise DataFormatError(f"{r['_where']}: level must be 1-5, got {r['level']}")
+        if levels is None or r["level"] in levels:
+            problems.append(MathProblem(id=r["unique_id"], question=r["problem"], solution=r["solution"],
+                                        answer=r["answer"], level=r["level"], subject=r.get("subject")))
+    return problems
+
+
+# ---------------------------------------------------------------------------------------------
+# Multiple choice (calibration)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class MultipleChoice:
+    """A multiple-choice question; ``choices[correct_index]`` is right."""
+
+    id: str
+    question: str
+    choices: list[str]
+    correct_index: int
+    subject: str | None = None
+
+    def prompt(self) -> str:
+        """The App. D prompt for this question (see ``format_multiple_choice``)."""
+        return format_multiple_choice(self.question, self.choices)
+
+    @property
+    def letters(self) -> list[str]:
+        """The option letters, "A", "B", ... one per choice."""
+        return list(LETTERS[: len(self.choices)])
+
+
+def format_multiple_choice(question: str, choices: list[str]) -> str:
+    """App. D's prompt; with four options it is exactly ``CALIBRATION_PROMPT``.
+
+    Other option counts keep the same layout, one "X. option" paragraph per letter.
+    """
+    if not 2 <= len(choices) <= len(LETTERS):
+        raise ValueError(f"need 2-{len(LETTERS)} choices, got {len(choices)}")
+    head, tail = CALIBRATION_PROMPT.split("A. {option_a}")
+    options = "\n\n".join(f"{LETTERS[i]}. {c}" for i, c in enumerate(choices))
+    return head.format(question=question) + options + tail.split("D. {option_d}")[1]
+
+
+def shuffle_choices(choices: list[str], correct_index: int, seed: int, key: str) -> tuple[list[str], int]:
+    """Seeded shuffle of one question's options; returns the new list and the new correct index.
+
+    The generator is seeded with (seed, key), so a question's order does not depend on which
+    other questions were loaded or in what order.
+    """
+    order = list(range(len(choices)))
+    random.Random(f"{seed}:{key}").shuffle(order)
+    return [choices[i] for i in order], order.index(correct_index)
+
+
+def load_mmlu(path: str | Path | None = None, shuffle_seed: int | None = None) -> list[MultipleChoice]:
+    """MMLU questions. The source's answer letters are balanced, so shuffling is optional."""
+    fields = {"subject": str, "row": int, "question": str, "choices": list, "answer_index": int}
+    questions = []
+    for r in read_jsonl(_resolve(path, MMLU_SUBSET), fields):
+        if not 0 <= r["answer_index"] < len(r["choices"]):
+            raise DataFormatError(f"{r['_where']}: answer_index {r['answer_index']} outside the choices")
+        qid = f"mmlu-{r['subject']}-{r['row']}"
+        choices, answer = r["choices"], r["answer_index"]
+        if shuffle_seed is not None:
+            choices, answer = shuffle_choices(choices, answer, shuffle_seed, qid)
+        questions.append(MultipleChoice(qid, r["question"], choices, answer, subject=r["subject"]))
+    return questions
+
+
+def load_truthfulqa_mc1(path: str | Path | None = None, shuffle_seed: int = 0) -> list[MultipleChoice]:
+    """TruthfulQA MC1, options shuffled with ``shuffle_seed``.
+
+    The source lists the correct option first for every question, so letter-based evaluation
+    without a shuffle would reward a model that always says "A". There is no opt-out.
+    """
+    fields = {"idx": int, "question": str, "mc1_choices": list, "mc1_labels": list}
+    questions = []
+    for r in read_jsonl(_resolve(path, TRUTHFULQA_MC), fields):
+        labels = r["mc1_labels"]
+        if len(labels) != len(r["mc1_choices"]) or sorted(labels) != [0] * (len(labels) - 1) + [1]:
+            raise DataFormatError(f"{r['_where']}: mc1_labels must mark exactly one of the "
+                                  f"{len(r['mc1_choices'])} choices with 1")
+        qid = f"truthfulqa-{r['idx']}"
+        choices, answer = shuffle_choices(r["mc1_choices"], labels.index(1), shuffle_seed, qid)
+        questions.append(MultipleChoice(qid, r["question"], choices, answer))
+    return questions
+
+
+# ---------------------------------------------------------------------------------------------
+# HH-RLHF prompts (diversity)
+# ---------------------------------------------------------------------------------------------
+_ASSISTANT = "\n\nAssistant:"
+
+
+@dataclass
+class Dialogue:
+    """An HH-RLHF comparison: the shared prompt (ending in "Assistant:") and both responses."""
+
+    id: str
+    prompt: str
+    chosen: str
+    rejected: str
+
+
+def split_hh_dialogue(chosen: str, rejected: str) -> tuple[str, str, str]:
+    """Split full HH-RLHF dialogues into (prompt, chosen response, rejected response).
+
+    The prompt ends at the last "\\n\\nAssistant:" inside the common prefix of the two
+    dialogues. Splitting at the last marker of ``chosen`` alone fails when a response itself
+    contains the marker (record 567 of the shipped subset).
+    """
+    common = 0
+    for a, b in zip(chosen, rejected, strict=False):
+        if a != b:
+            break
+        common += 1
+    # When chosen == rejected the whole text is common; its last marker is still the split.
+    cut = chosen.rfind(_ASSISTANT, 0, common)
+    if cut < 0:
+        raise ValueError("no '\\n\\nAssistant:' marker in the common prefix of chosen and rejected")
+    end = cut + len(_ASSISTANT)
+    return chosen[:end], chosen[end:], rejected[end:]
+
+
+def load_hh_rlhf(path: str | Path | None = None) -> list[Dialogue]:
+    """HH-RLHF comparisons from the pre-split file (fields idx, prompt, chosen, rejected)."""
+    fields = {"idx": int, "prompt": str, "chosen": str, "rejected": str}
+    return [Dialogue(f"hh-{r['idx']}", r["prompt"], r["chosen"], r["rejected"])
+            for r in read_jsonl(_resolve(path, HH_RLHF_SPLIT), fields)]
+
+
+def load_hh_rlhf_raw(path: str | Path | None = None) -> list[Dialogue]:
+    """HH-RLHF comparisons from the original file (full dialogues), split by ``split_hh_dialogue``."""
+    dialogues = []
+    for i, r in enumerate(read_jsonl(_resolve(path, HH_RLHF_RAW), {"chosen": str, "rejected": str})):
+        try:
+            prompt, chosen, rejected = split_hh_dialogue(r["chosen"], r["rejected"])
+        except ValueError as e:
+            raise DataFormatError(f"{r['_where']}: {e}") from None
+        dialogues.append(Dialogue(f"hh-{i}", prompt, chosen, rejected))
+    return dialogues
+
+
+# ---------------------------------------------------------------------------------------------
+# Opinions
+# ---------------------------------------------------------------------------------------------
+# Options that are not an opinion: "DK/Refused", "Don't know", "No answer", "Missing; Not
+# available", "Other missing; ..." and the upstream artifact "Total N=" rows.
+_NON_SUBSTANTIVE = re.compile(
+    r"^(dk\b|don.?t know|refused|no answer|(other )?missing|not available|total\b)", re.IGNORECASE)
+
+
+@dataclass
+class OpinionQuestion:
+    """A survey question with each population's answer shares over ``options``."""
+
+    id: str
+    question: str
+    options: list[str]
+    distributions: dict[str, list[float]] = field(default_factory=dict)  # population -> shares
+
+    def prompt(self) -> str:
+        """The GlobalOpinionQA prompt ("Question: ...\\nOptions: A. ... B. ...\\nAnswer:").
+
+        Rebuilt from the fields, so it stays right after non-substantive options are dropped.
+        """
+        options = " ".join(f"{LETTERS[i]}. {o}" for i, o in enumerate(self.options))
+        return f"Question: {self.question}\nOptions: {options}\nAnswer:"
+
+
+def _drop_non_substantive(q: OpinionQuestion, where: str) -> OpinionQuestion | None:
+    keep = [i for i, o in enumerate(q.options) if not _NON_SUBSTANTIVE.match(o.strip())]
+    if len(keep) < 2:
+        return None  # nothing left to compare
+    dists = {}
+    for population, dist in q.distributions.items():
+        kept = [dist[i] for i in keep]
+        if sum(kept) <= 0:
+            raise DataFormatError(f"{where}: {population} puts all mass on non-substantive options")
+        dists[population] = [x / sum(kept) for x in kept]
+    return OpinionQuestion(q.id, q.question, [q.options[i] for i in keep], dists)
+
+
+def load_global_opinions(path: str | Path | None = None,
+                         substantive_only: bool = False) -> list[OpinionQuestion]:
+    """GlobalOpinionQA questions, from either shipped file.
+
+    The single-country file has ``population``/``distribution``; the all-countries file has
+    ``distributions`` (country -> shares). With ``substantive_only`` options such as
+    "DK/Refused" are dropped and each distribution renormalized over the rest; questions left
+    with fewer than two options are skipped.
+    """
+    path = _resolve(path, GLOBAL_OPINIONS_US)
+    questions = []
+    for r in read_jsonl(path, {"question_text": str, "options": list}):
+        where = r["_where"]
+        if "distributions" in r:
+            dists, qid = r["distributions"], r.get("min_id")
+        elif "distribution" in r and "population" in r:
+            dists, qid = {r["population"]: r["distribution"]}, r.get("id")
+        else:
+            raise DataFormatError(f"{where}: missing field 'distribution' (with 'population') or "
+                                  "'distributions'")
+        if not isinstance(dists, dict):
+            raise DataFormatError(f"{where}: field 'distributions' should be an object")
+        for population, dist in dists.items():
+            if not isinstance(dist, list) or len(dist) != len(r["options"]):
+                raise DataFormatError(f"{where}: {population} has a distribution that does not match "
+                                      f"the {len(r['options'])} options")
+            if any(not isinstance(x, (int, float)) or x < 0 for x in dist) or abs(sum(dist) - 1) > 0.05:
+                raise DataFormatError(f"{where}: {population}'s shares must be >= 0 and sum to ~1")
+        q = OpinionQuestion(f"goqa-{qid}", r["question_text"], r["options"], dict(dists))
+        if substantive_only:
+            q = _drop_non_substantive(q, where)
+        if q is not None:
+            questions.append(q)
+    return questions
+
+
+@dataclass
+class Proposition:
+    """A Political Compass Test statement (App. E)."""
+
+    id: str
+    statement: str
+    topic: str
+
+
+def load_political_compass(path: str | Path | None = None) -> list[Proposition]:
+    """The 62 Political Compass Test propositions (the paper's "60 statements")."""
+    fields = {"pct_id": str, "statement": str, "topic": str}
+    return [Proposition(r["pct_id"], r["statement"], r["topic"])
+            for r in read_jsonl(_resolve(path, POLITICAL_COMPASS), fields)]

@@ -1,0 +1,148 @@
+"""Readers of the shipped evaluation data (spl/evaluation/datasets.py) and their errors."""
+
+import collections
+import json
+
+import pytest
+
+from spl.evaluation.datasets import (
+    CALIBRATION_PROMPT,
+    DATA_DIR,
+    GLOBAL_OPINIONS_ALL,
+    MATH500_LEVELS_1_3_5,
+    DataFormatError,
+    format_multiple_choice,
+    load_global_opinions,
+    load_gsm8k,
+    load_hh_rlhf,
+    load_hh_rlhf_raw,
+    load_math,
+    load_mmlu,
+    load_political_compass,
+    load_truthfulqa_mc1,
+    read_jsonl,
+    shuffle_choices,
+    split_hh_dialogue,
+)
+
+
+def test_shipped_data_counts_and_attribution():
+    assert len(load_gsm8k()) == 1319
+    assert len(load_math()) == 500
+    levels = collections.Counter(p.level for p in load_math(MATH500_LEVELS_1_3_5))
+    assert levels == {1: 40, 3: 40, 5: 40}
+    assert len(load_math(levels={5})) == 134
+    assert len(load_mmlu()) == 1140
+    assert len(load_political_compass()) == 62
+    assert len(load_global_opinions()) == 181
+    assert len(load_global_opinions(GLOBAL_OPINIONS_ALL)) == 400
+    # Every data file is named, with its license, in data/README.md; the folder stays small.
+    readme = (DATA_DIR / "README.md").read_text()
+    files = sorted(p for p in DATA_DIR.rglob("*.jsonl"))
+    assert files and all(p.name in readme for p in files)
+    assert "license" in readme.lower()
+    assert sum(p.stat().st_size for p in DATA_DIR.rglob("*")) < 8_000_000
+
+
+def test_truthfulqa_options_are_shuffled_with_a_seed():
+    """The source lists the right answer first; after the shuffle positions are spread out."""
+    questions = load_truthfulqa_mc1(shuffle_seed=0)
+    assert len(questions) == 817
+    positions = collections.Counter(q.correct_index for q in questions)
+    assert positions[0] < 0.35 * len(questions) and len(positions) >= 8
+    source = [json.loads(line) for line in (DATA_DIR / "truthfulqa_mc/mc_task.jsonl").open()]
+    for q, r in zip(questions, source, strict=True):
+        assert sorted(q.choices) == sorted(r["mc1_choices"])
+        assert q.choices[q.correct_index] == r["mc1_choices"][0]
+    # Same seed, same order; another seed, another order.
+    assert [q.choices for q in load_truthfulqa_mc1(shuffle_seed=0)] == [q.choices for q in questions]
+    assert [q.choices for q in load_truthfulqa_mc1(shuffle_seed=1)] != [q.choices for q in questions]
+
+
+def test_shuffle_choices_is_per_question_deterministic():
+    choices, answer = shuffle_choices(["a", "b", "c", "d"], 2, seed=3, key="q7")
+    assert choices[answer] == "c"
+    assert shuffle_choices(["a", "b", "c", "d"], 2, seed=3, key="q7") == (choices, answer)
+
+
+def test_calibration_prompt_layout():
+    four = format_multiple_choice("Q?", ["w", "x", "y", "z"])
+    assert four == CALIBRATION_PROMPT.format(question="Q?", option_a="w", option_b="x", option_c="y",
+                                             option_d="z")
+    two = format_multiple_choice("Q?", ["yes", "no"])
+    assert two.endswith("A. yes\n\nB. no\n\nYour answer:")
+    mmlu = load_mmlu()[0]
+    assert mmlu.letters == ["A", "B", "C", "D"] and mmlu.choices[mmlu.correct_index] == "4"
+    with pytest.raises(ValueError, match="2-26 choices"):
+        format_multiple_choice("Q?", ["only"])
+
+
+def test_hh_rlhf_split_matches_shipped_split():
+    """Splitting the raw dialogues at the last marker of the common prefix reproduces the
+    pre-split file for all 800, including idx 567 (marker inside chosen) and 721 (equal texts)."""
+    raw, split = load_hh_rlhf_raw(), load_hh_rlhf()
+    assert len(raw) == len(split) == 800
+    for a, b in zip(raw, split, strict=True):
+        assert (a.prompt, a.chosen, a.rejected) == (b.prompt, b.chosen, b.rejected)
+    assert split[567].prompt.endswith("\n\nAssistant:") and "\n\nAssistant:" in split[567].chosen
+    prompt, chosen, rejected = split_hh_dialogue("\n\nHuman: hi\n\nAssistant: yo",
+                                                 "\n\nHuman: hi\n\nAssistant: hey")
+    assert (prompt, chosen, rejected) == ("\n\nHuman: hi\n\nAssistant:", " yo", " hey")
+    with pytest.raises(ValueError, match="no '\\\\n\\\\nAssistant:' marker"):
+        split_hh_dialogue("Human: a", "Human: b")
+
+
+def test_global_opinions_substantive_filter():
+    questions = load_global_opinions(substantive_only=True)
+    assert all("DK/Refused" not in q.options for q in questions)
+    assert all(abs(sum(d) - 1) < 1e-9 for q in questions for d in q.distributions.values())
+    first = load_global_opinions()[0]
+    assert first.prompt().startswith("Question: Please indicate how much")
+    assert first.prompt().endswith("E. DK/Refused\nAnswer:")
+
+
+# ------------------------------------------------------------------------------------------------
+# Malformed files: every error names file and line.
+# ------------------------------------------------------------------------------------------------
+def _write(tmp_path, lines: list[str]):
+    path = tmp_path / "bad.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def test_invalid_json_names_file_and_line(tmp_path):
+    path = _write(tmp_path, ['{"question": "q", "answer": "a\\n#### 1"}', "", '{"question": "q", oops}'])
+    with pytest.raises(DataFormatError, match=rf"{path}:3: invalid JSON"):
+        load_gsm8k(path)
+
+
+def test_missing_and_mistyped_fields(tmp_path):
+    path = _write(tmp_path, ['{"question": "q"}'])
+    with pytest.raises(DataFormatError, match=rf"{path}:1: missing field 'answer'"):
+        load_gsm8k(path)
+    path = _write(tmp_path, ['{"question": "q", "answer": "no marker"}'])
+    with pytest.raises(DataFormatError, match=rf"{path}:1: GSM8K solution has no '####'"):
+        load_gsm8k(path)
+    good = {"problem": "p", "solution": "s", "answer": "1", "level": 2, "unique_id": "u"}
+    path = _write(tmp_path, [json.dumps(good), json.dumps({**good, "level": "Level 2"})])
+    with pytest.raises(DataFormatError, match=rf"{path}:2: field 'level' should be int, got str"):
+        load_math(path)
+    path = _write(tmp_path, [json.dumps({**good, "level": True})])
+    with pytest.raises(DataFormatError, match=rf"{path}:1: field 'level' should be int"):
+        load_math(path)
+    path = _write(tmp_path, ["[1, 2]"])
+    with pytest.raises(DataFormatError, match=rf"{path}:1: expected a JSON object, got list"):
+        read_jsonl(path, {})
+
+
+def test_semantic_errors(tmp_path):
+    path = _write(tmp_path, [json.dumps({"idx": 0, "question": "q", "mc1_choices": ["a", "b"],
+                                         "mc1_labels": [1, 1]})])
+    with pytest.raises(DataFormatError, match=rf"{path}:1: mc1_labels must mark exactly one"):
+        load_truthfulqa_mc1(path)
+    path = _write(tmp_path, [json.dumps({"question_text": "q", "options": ["a", "b"], "population": "X",
+                                         "distribution": [0.5]})])
+    with pytest.raises(DataFormatError, match=rf"{path}:1: X has a distribution that does not match"):
+        load_global_opinions(path)
+    with pytest.raises(FileNotFoundError, match="not found"):
+        load_mmlu("no/such/file.jsonl")
