@@ -8,7 +8,13 @@ one to one; ``spl/checkpoint.py`` translates Hugging Face's ``config.json``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+import sys
+import types
+import typing
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+
+import yaml
 
 
 class ConfigError(ValueError):
@@ -74,3 +80,229 @@ PRESETS: dict[str, dict] = {
     "tiny": dict(dim=64, n_layers=2, head_dim=16, hidden_dim=128, n_heads=4, n_kv_heads=2,
                  vocab_size=32000, rope_theta=1e4, max_seq_len=2048),
 }
+
+
+@dataclass
+class ModelSection:
+    """Which weights to start from. ``checkpoint`` (an HF or original-layout directory, or one of our
+    run directories) wins; without it a ``preset`` shape is built with random weights (tests, demo)."""
+
+    checkpoint: str | None = None
+    tokenizer: str | None = None  # default: tokenizer.model inside the checkpoint directory
+    preset: str = "tiny"
+    dtype: str = "auto"  # auto: bf16 weights on CUDA, fp32 on CPU; or fp32 / bf16
+
+    def __post_init__(self) -> None:
+        _choice("model.dtype", self.dtype, ("auto", "fp32", "bf16"))
+        if self.checkpoint is None and self.preset not in PRESETS:
+            raise ConfigError(f"model.preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
+        for name in ("checkpoint", "tokenizer"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).exists():
+                raise ConfigError(f"model.{name}: no such file or directory: {path}")
+
+
+@dataclass
+class LoRAConfig:
+    """Low-rank adapters (spl/lora.py). Disabled means full fine-tuning (FSDP2 across ranks)."""
+
+    enabled: bool = True
+    rank: int = 8
+    alpha: float = 16.0  # scale = alpha / rank
+    dropout: float = 0.0
+    targets: list[str] = field(default_factory=lambda: [
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+
+    def __post_init__(self) -> None:
+        _positive("lora.rank", self.rank)
+        _positive("lora.alpha", self.alpha)
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"lora.dropout must lie in [0, 1), got {self.dropout}")
+        if not self.targets:
+            raise ConfigError("lora.targets must name at least one module")
+
+
+@dataclass
+class DataConfig:
+    """Training data. Without ``train_path`` the embedded opinion demo generates its own."""
+
+    train_path: str | None = None
+    eval_path: str | None = None
+    format: str = "auto"  # auto | preference | hh | sft
+    chat_template: bool = True  # Mistral [INST] template; the demo's plain prompts set False
+    max_len: int = 512  # prompt + response tokens
+    max_prompt_len: int = 256  # prompts are cut from the left first, then responses from the right
+    eval_size: int = 0  # >0: hold out this many training records for eval when eval_path is unset
+
+    def __post_init__(self) -> None:
+        _choice("data.format", self.format, ("auto", "preference", "hh", "sft"))
+        _positive("data.max_len", self.max_len)
+        _positive("data.max_prompt_len", self.max_prompt_len)
+        if self.max_prompt_len >= self.max_len:
+            raise ConfigError(f"data.max_prompt_len ({self.max_prompt_len}) must be below data.max_len "
+                              f"({self.max_len}) so a response token fits")
+        for name in ("train_path", "eval_path"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                raise ConfigError(f"data.{name}: no such file: {path}")
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation. Defaults run the embedded demo; configs/ hold the paper's settings."""
+
+    mode: str = "spl"  # sft | spl (DPO when alpha == beta) | reward
+    alpha: float = 1.0  # SPL entropy weight (paper eq. 5); alpha/beta is the global temperature
+    beta: float = 0.1  # SPL cross-entropy weight toward the reference
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 20
+    max_steps: int = 300
+    schedule: str = "cosine"  # cosine | linear | constant, after linear warmup
+    min_lr_ratio: float = 0.1  # decay floor as a fraction of lr
+    batch_size: int = 32  # pairs (or sequences) per optimizer step, over all ranks
+    micro_batch_size: int = 32  # pairs per forward on each rank; accumulation makes up the rest
+    grad_clip: float = 1.0  # max global grad norm; 0 disables
+    seed: int = 0
+    precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU; or fp32 / bf16
+    activation_checkpointing: bool = False
+    logprob_impl: str = "auto"  # auto | plain | chunked | triton (spl/logprobs.py)
+    ref_cache: str | None = None  # file of precomputed reference log-probs, shared by a sweep
+    eval_every: int = 100
+    save_every: int = 100
+    log_every: int = 10
+    keep_checkpoints: int = 2
+    out_dir: str = "runs/demo"
+    resume: bool = False  # continue from out_dir's latest checkpoint
+
+    def __post_init__(self) -> None:
+        _choice("train.mode", self.mode, ("sft", "spl", "reward"))
+        _choice("train.schedule", self.schedule, ("cosine", "linear", "constant"))
+        _choice("train.precision", self.precision, ("auto", "fp32", "bf16"))
+        _choice("train.logprob_impl", self.logprob_impl, ("auto", "plain", "chunked", "triton"))
+        _positive("train.alpha", self.alpha)
+        if not self.beta >= 0:
+            raise ConfigError(f"train.beta must be >= 0, got {self.beta}")
+        _positive("train.lr", self.lr)
+        for name in ("max_steps", "batch_size", "micro_batch_size", "log_every", "eval_every",
+                     "save_every", "keep_checkpoints"):
+            _positive(f"train.{name}", getattr(self, name))
+        if self.warmup_steps < 0 or self.weight_decay < 0 or self.grad_clip < 0:
+            raise ConfigError("train.warmup_steps, train.weight_decay and train.grad_clip must be >= 0")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"train.min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio}")
+
+
+@dataclass
+class Config:
+    model: ModelSection = field(default_factory=ModelSection)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _positive(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise ConfigError(f"{name} must be positive, got {value!r}")
+
+
+def _choice(name: str, value, options: tuple) -> None:
+    if value not in options:
+        raise ConfigError(f"{name} must be one of {list(options)}, got {value!r}")
+
+
+def _check_type(name: str, value, annotation):
+    """Coerce ``value`` to a dataclass field's annotation (int -> float is allowed) or raise."""
+    hint = typing.get_type_hints(annotation[0], globalns=vars(sys.modules[__name__]))[annotation[1]]
+    args = typing.get_args(hint)
+    optional = type(None) in args
+    base = next((a for a in args if a is not type(None)), hint) if args and (
+        typing.get_origin(hint) in (typing.Union, types.UnionType)) else hint
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{name} may not be null")
+    if typing.get_origin(base) is list:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{name} must be a list of strings, got {value!r}")
+        return value
+    if base is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if base is float and isinstance(value, str):  # YAML reads 1e-5 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if not isinstance(value, base) or (base is int and isinstance(value, bool)):
+        raise ConfigError(f"{name} must be of type {base.__name__}, got {value!r}")
+    return value
+
+
+def _build(cls, values: dict, prefix: str):
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ConfigError(f"unknown config key(s) {[f'{prefix}{k}' for k in unknown]}; "
+                          f"known in {prefix.rstrip('.') or 'top level'}: {sorted(known)}")
+    kwargs = {}
+    for name, f in known.items():
+        if name not in values:
+            continue
+        value = values[name]
+        sub = f.default_factory if f.default_factory is not MISSING else None
+        if sub is not None and isinstance(sub, type):  # a nested section
+            if not isinstance(value, dict):
+                raise ConfigError(f"{prefix}{name} must be a mapping, got {value!r}")
+            kwargs[name] = _build(sub, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _check_type(f"{prefix}{name}", value, (cls, name))
+    return cls(**kwargs)
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """``["train.lr=1e-5", "lora.enabled=false"]`` -> nested dict; values read by yaml.safe_load."""
+    nested: dict = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form section.key=value")
+        node = nested
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = yaml.safe_load(raw) if raw != "" else None
+    return nested
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Defaults <- YAML file (only what differs) <- dotted overrides, validated."""
+    values: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: invalid YAML: {e}") from e
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections")
+        values = loaded
+    values = _merge(values, parse_overrides(list(overrides)))
+    try:
+        return _build(Config, values, "")
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}" if path is not None else str(e)) from None

@@ -1,0 +1,49 @@
+"""Train with SFT, SPL (DPO when alpha == beta) or a Bradley-Terry reward model.
+
+    torchrun train.py                                 # the embedded opinion demo (CPU, minutes)
+    torchrun train.py train.alpha=0.1                 # the same demo as DPO: watch it collapse
+    torchrun --nproc_per_node 8 train.py configs/hh_rlhf_spl.yaml train.alpha=0.2
+    python train.py --help
+
+Arguments: an optional YAML file listing what differs from the defaults in spl/config.py, then
+dotted ``section.key=value`` overrides (values parsed as YAML).
+"""
+
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__)
+        from spl.config import Config
+        print("Defaults:\n" + Config().to_yaml())
+        return 0
+    from spl.config import ConfigError, load_config
+    from spl.trainer import TrainingError, init_distributed, run
+
+    path = argv[0] if argv and "=" not in argv[0] else None
+    try:
+        cfg = load_config(path, argv[1:] if path else argv)
+    except ConfigError as e:
+        print(f"train.py: config error: {e}", file=sys.stderr)
+        return 2
+    env = init_distributed()
+    try:
+        if cfg.data.train_path is None:
+            from spl.demo import run_demo
+            run_demo(cfg, env)
+        else:
+            run(cfg, env)
+    except TrainingError as e:
+        print(f"train.py: {e}", file=sys.stderr)
+        return 1
+    finally:
+        import torch.distributed as dist
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
