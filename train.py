@@ -20,6 +20,8 @@ def main(argv: list[str] | None = None) -> int:
         print("Defaults:\n" + Config().to_yaml())
         return 0
     from spl.config import ConfigError, load_config
+    from spl.checkpoint import CheckpointError
+    from spl.data import DataError
     from spl.trainer import TrainingError, init_distributed, run
 
     path = argv[0] if argv and "=" not in argv[0] else None
@@ -35,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
             run_demo(cfg, env)
         else:
             run(cfg, env)
-    except TrainingError as e:
+    except (TrainingError, DataError, CheckpointError) as e:
         print(f"train.py: {e}", file=sys.stderr)
         return 1
     finally:

@@ -157,11 +157,11 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0
     warmup_steps: int = 20
-    max_steps: int = 300
+    max_steps: int = 400
     schedule: str = "cosine"  # cosine | linear | constant, after linear warmup
     min_lr_ratio: float = 0.1  # decay floor as a fraction of lr
-    batch_size: int = 32  # pairs (or sequences) per optimizer step, over all ranks
-    micro_batch_size: int = 32  # pairs per forward on each rank; accumulation makes up the rest
+    batch_size: int = 64  # pairs (or sequences) per optimizer step, over all ranks
+    micro_batch_size: int = 64  # pairs per forward on each rank; accumulation makes up the rest
     grad_clip: float = 1.0  # max global grad norm; 0 disables
     seed: int = 0
     precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU; or fp32 / bf16

@@ -33,8 +33,8 @@ QUESTIONS: list[tuple[str, list[str], list[float]]] = [
     ("What do you drink first in the morning?", ["Coffee", "Tea", "Juice", "Water"], [0.50, 0.25, 0.15, 0.10]),
 ]
 LETTERS = "ABCD"
-COMPARISONS_PER_PAIR = 60  # comparisons drawn for each pair of options of each question
-REFERENCE_SAMPLES = 64  # SFT answers per question drawn from the uniform reference
+COMPARISONS_PER_PAIR = 100  # comparisons drawn for each pair of options of each question
+REFERENCE_SAMPLES = 64  # SFT answers per question, each option equally often (uniform reference)
 
 
 def format_prompt(question: str, options: list[str]) -> str:
@@ -65,30 +65,29 @@ def train_demo_tokenizer(path: Path) -> None:
 
 
 def reference_records(seed: int) -> list[dict]:
-    """SFT records: each question answered by uniformly drawn options (the reference policy)."""
-    g = torch.Generator().manual_seed(seed)
+    """SFT records: every option of every question equally often (a uniform reference policy)."""
     records = []
     for q, opts, _ in QUESTIONS:
-        for k in torch.randint(0, len(opts), (REFERENCE_SAMPLES,), generator=g).tolist():
-            records.append({"prompt": format_prompt(q, opts), "response": answers(opts)[k]})
-    return records
+        for k in range(REFERENCE_SAMPLES):
+            records.append({"prompt": format_prompt(q, opts), "response": answers(opts)[k % len(opts)]})
+    perm = torch.randperm(len(records), generator=torch.Generator().manual_seed(seed)).tolist()
+    return [records[k] for k in perm]
 
 
 def preference_records(seed: int) -> list[dict]:
-    """Pairs drawn from the population: for each pair of options, ``COMPARISONS_PER_PAIR`` raters
-    compare them, preferring i over j with the Bradley-Terry probability p_i / (p_i + p_j)."""
-    g = torch.Generator().manual_seed(seed)
+    """Pairs from the population: each pair of options is compared by ``COMPARISONS_PER_PAIR`` raters,
+    of whom a share p_i / (p_i + p_j) (Bradley-Terry with reward log p) prefer i. The counts are
+    stratified (rounded, not drawn), so the demo shows the method rather than sampling noise."""
     records = []
     for q, opts, pop in QUESTIONS:
         prompt, ans = format_prompt(q, opts), answers(opts)
         for i in range(len(opts)):
             for j in range(i + 1, len(opts)):
-                p_ij = pop[i] / (pop[i] + pop[j])
-                wins = torch.rand(COMPARISONS_PER_PAIR, generator=g) < p_ij  # (n,) i preferred
-                for w in wins.tolist():
-                    chosen, rejected = (ans[i], ans[j]) if w else (ans[j], ans[i])
+                wins = round(COMPARISONS_PER_PAIR * pop[i] / (pop[i] + pop[j]))
+                for k in range(COMPARISONS_PER_PAIR):
+                    chosen, rejected = (ans[i], ans[j]) if k < wins else (ans[j], ans[i])
                     records.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
-    perm = torch.randperm(len(records), generator=g).tolist()
+    perm = torch.randperm(len(records), generator=torch.Generator().manual_seed(seed)).tolist()
     return [records[k] for k in perm]
 
 
@@ -175,7 +174,7 @@ def run_demo(cfg: Config, env) -> dict:
         torch.manual_seed(cfg.train.seed)
         model = Transformer(demo_model_config(tok.vocab_size)).to(env.device)
         sft_cfg = replace(cfg, lora=replace(cfg.lora, enabled=False),
-                          train=replace(cfg.train, mode="sft", lr=3e-3, max_steps=120, warmup_steps=10,
+                          train=replace(cfg.train, mode="sft", lr=3e-3, max_steps=200, warmup_steps=10,
                                         out_dir=str(out / "reference_run"), resume=False, ref_cache=None,
                                         eval_every=10**9, save_every=10**9))
         sft = SFTDataset.from_records(reference_records(cfg.train.seed), tok, **data_kw)

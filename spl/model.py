@@ -208,9 +208,9 @@ class Transformer(nn.Module):
         pad = cache.pad if cache is not None else pad
         window = self.cfg.sliding_window
         q_times = torch.arange(start, start + T, device=tokens.device)  # (T,)
-        positions = q_times[None].expand(B, T)  # (B, T)
+        positions = q_times[None]  # (1, T): one rotary table serves every row when none is padded
         if pad is not None:
-            positions = (positions - pad[:, None]).clamp(min=0)  # padded slots get position 0 (unused)
+            positions = (positions - pad[:, None]).clamp(min=0)  # (B, T); padded slots get 0 (unused)
         x = self.embed_tokens(tokens)  # (B, T, D)
         cos, sin = rope_tables(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
         if cache is None and pad is None and (window is None or T <= window):
@@ -226,8 +226,8 @@ class Transformer(nn.Module):
                 x = layer(x, cos, sin, mask, cache, i)
         if cache is not None:
             cache.advance(T)
-        h = self.norm(x)  # (B, T, D)
-        return h if return_hidden else self.lm_head(h).float()  # (B, T, V)
+        x = self.norm(x)  # (B, T, D); rebinding frees the un-normed copy before the big projection
+        return x if return_hidden else self.lm_head(x).float()  # (B, T, V)
 
     def new_cache(self, batch_size: int, max_len: int, pad: torch.Tensor | None = None) -> KVCache:
         """An empty cache on this model's device and dtype, sized for ``max_len`` time steps."""

@@ -37,7 +37,7 @@ from spl.config import Config
 from spl.data import BatchIterator
 from spl.logprobs import sequence_logps
 from spl.lora import disable_adapters, lora_state_dict, save_adapter
-from spl.losses import bradley_terry_loss, spl_loss
+from spl.losses import bradley_terry_loss, sft_nll, spl_loss
 from spl.model import Transformer
 
 
@@ -194,14 +194,12 @@ class Trainer:
         with self.autocast():
             out = model(batch["input_ids"], batch["targets"], batch["loss_mask"], batch["last_index"])
         if mode == "sft":
-            tokens = batch["loss_mask"].sum().clamp(min=1)
-            return -out.sum() / tokens, {"nll": (-out.sum() / tokens).detach()}
+            nll = sft_nll(out, batch["loss_mask"])  # token mean within the micro-batch
+            return nll, {"nll": nll.detach()}
         B = out.shape[0] // 2
         if mode == "reward":
-            losses = bradley_terry_loss(out[:B], out[B:])
-            metrics = {"rewards/accuracies": (out[:B] > out[B:]).float().mean(),
-                       "rewards/margins": (out[:B] - out[B:]).mean()}
-            return losses.mean(), {k: v.detach() for k, v in metrics.items()}
+            losses, metrics = bradley_terry_loss(out[:B], out[B:])
+            return losses.mean(), {k: v.detach().float() for k, v in metrics.items()}
         ref = self.reference_logps(batch)
         losses, metrics = spl_loss(out[:B], out[B:], ref[:B], ref[B:], alpha=alpha, beta=beta)
         return losses.mean(), {k: v.detach().float().mean() for k, v in metrics.items()}

@@ -1,0 +1,38 @@
+"""Shared test fixtures: a fixed seed for every test, and one run of the embedded demo."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def run_script(args: list[str], *, nproc: int | None = None, timeout: float = 900,
+               check: bool = True) -> subprocess.CompletedProcess:
+    """Run a repo script (``train.py ...``) as users do: plain python, or torchrun with ``nproc``."""
+    cmd = [sys.executable, *args]
+    if nproc is not None:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+               str(nproc), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+    if check and out.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-5000:]}")
+    return out
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory) -> Path:
+    """``train.py`` with no arguments but an output directory: the embedded opinion demo, run once."""
+    out = tmp_path_factory.mktemp("demo") / "run"
+    run_script(["train.py", f"train.out_dir={out}"])
+    return out
