@@ -205,8 +205,8 @@ def token_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tenso
     # Pack the response tokens: prompt and padding cost nothing downstream. Boolean indexing is
     # one host sync per call (the packed size depends on the mask); so is the range check, which
     # the kernels need because an out-of-range target would read out of bounds there.
-    h = hidden.reshape(B * T, -1)[keep]  # (M, D)
-    y = targets.reshape(-1)[keep]  # (M,)
+    h = hidden[loss_mask] if hidden.dim() == 3 else hidden[keep]  # (M, D), no copy of the rest
+    y = targets[loss_mask]  # (M,)
     if y.numel() and not bool(((y >= 0) & (y < weight.shape[0])).all()):
         raise ValueError(f"targets under loss_mask must lie in [0, {weight.shape[0]})")
     cd = compute_dtype_for(hidden, weight)

@@ -1,0 +1,251 @@
+"""Sequence log-probs, forward + backward: plain vs chunked vs Triton, time and peak extra memory.
+
+    python benchmarks/bench_logprobs.py                                  # CPU defaults
+    python benchmarks/bench_logprobs.py --dtype bf16 --n 2048 8192 16384 --d 4096 --matmul-rate
+    python benchmarks/bench_logprobs.py --sweep                          # GPU: time kernel configs
+
+Each row runs ``spl.logprobs.sequence_logps(impl=...)`` on B sequences of T tokens (B * T = N,
+all tokens in the loss), then backward from a random (B,) gradient, as SPL's loss would send.
+"frozen" trains only the hidden states (LoRA); "trainable" also the (V, D) output weight.
+
+Peak extra memory is what the call adds on top of its inputs, gradients included:
+- CUDA: ``torch.cuda.max_memory_allocated()`` minus the allocation before the call.
+- CPU: peak resident set size minus the RSS before the call (the peak is reset through
+  /proc/self/clear_refs; glibc's mmap threshold is pinned at 64 KiB, so freed blocks leave the
+  RSS instead of lingering in the heap).
+The matmul floor is 4 N D V FLOPs (forward logits and the hidden-state gradient) for frozen, and
+6 N D V for trainable, at the bf16 (or fp32) rate torch.matmul reaches on this device for an
+(N, D) @ (D, V) product (``--matmul-rate``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import itertools
+import platform
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from spl.logprobs import sequence_logps  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory and time measurement
+# ---------------------------------------------------------------------------------------------
+
+
+def _rss_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+class PeakMemory:
+    """Peak bytes allocated above the level at entry, on ``device``."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+        else:
+            gc.collect()
+            Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+            self.base = _rss_kib("VmRSS") * 1024
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device) - self.base
+        else:
+            self.peak = _rss_kib("VmHWM") * 1024 - self.base
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_rate(device: torch.device, dtype: torch.dtype, n: int, d: int, v: int, repeat: int) -> float:
+    """FLOP/s of torch.matmul for (n, d) @ (d, v) in ``dtype``: the denominator of the floor."""
+    a = torch.randn(n, d, device=device, dtype=dtype)
+    b = torch.randn(v, d, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b.T
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(repeat):
+        a @ b.T
+    sync(device)
+    return 2 * n * d * v * repeat / (time.perf_counter() - start)
+
+
+# ---------------------------------------------------------------------------------------------
+# One measurement
+# ---------------------------------------------------------------------------------------------
+
+
+def make_inputs(n: int, d: int, v: int, dtype: torch.dtype, device: torch.device, trainable: bool):
+    seq_len = min(n, 1024)
+    B, T = n // seq_len, seq_len
+    hidden = torch.randn(B, T, d, device=device, dtype=dtype).requires_grad_(True)
+    weight = (torch.randn(v, d, device=device, dtype=dtype) * 2 / d**0.5).requires_grad_(trainable)
+    targets = torch.randint(0, v, (B, T), device=device)
+    mask = torch.ones(B, T, dtype=torch.bool, device=device)
+    grad = torch.randn(B, device=device)
+    return hidden, weight, targets, mask, grad
+
+
+def measure(step, inputs, device: torch.device, repeat: int) -> tuple[float, int]:
+    """(mean ms of fwd+bwd, peak extra bytes of one call)."""
+    hidden, weight = inputs[0], inputs[1]
+
+    def run():
+        hidden.grad = weight.grad = None
+        step()
+
+    run()  # warm-up: Triton compiles, allocators settle
+    sync(device)
+    with PeakMemory(device) as mem:
+        run()
+        hidden.grad = weight.grad = None  # counted at their peak, then freed like the others
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(repeat):
+        run()
+    sync(device)
+    return (time.perf_counter() - start) / repeat * 1e3, mem.peak
+
+
+def bench_row(impl: str, n: int, d: int, v: int, dtype: torch.dtype, device: torch.device, trainable: bool,
+              repeat: int) -> tuple[float, int]:
+    inputs = make_inputs(n, d, v, dtype, device, trainable)
+    hidden, weight, targets, mask, grad = inputs
+
+    def step():
+        sequence_logps(hidden, weight, targets, mask, impl=impl).backward(grad)
+
+    return measure(step, inputs, device, repeat)
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernel-config sweep (GPU)
+# ---------------------------------------------------------------------------------------------
+
+
+def sweep(device: torch.device, dtype: torch.dtype, n: int, d: int, v: int, repeat: int) -> None:
+    """Time the Triton path under a few tile/chunk choices; update kernels/heuristics.py from it."""
+    from kernels.fused_logprobs import fused_token_logps
+    from kernels.heuristics import KernelConfig, Tiles
+
+    logits = [Tiles(128, 128, 64, 8, 3), Tiles(128, 256, 64, 8, 3), Tiles(128, 128, 64, 4, 4)]
+    grads = [Tiles(128, 128, 64, 8, 3), Tiles(128, 256, 32, 8, 3), Tiles(128, 128, 32, 8, 4)]
+    print(f"Machine: {machine(device)}")
+    print(f"\nTriton config sweep: N={n} D={d} V={v} {dtype}, frozen weight, fwd+bwd ms\n")
+    print("| logits (m, n, k, warps, stages) | grads (m, n, k, warps, stages) | chunk_rows | ms |")
+    print("|---|---|---|---|")
+    for lt, gt, rows in itertools.product(logits, grads, (1024, 2048)):
+        cfg = KernelConfig(logits=lt, hidden_grad=gt, weight_grad=gt, chunk_rows=rows)
+        hidden = torch.randn(n, d, device=device, dtype=dtype).requires_grad_(True)
+        weight = torch.randn(v, d, device=device, dtype=dtype) * 2 / d**0.5
+        targets = torch.randint(0, v, (n,), device=device)
+        g = torch.randn(n, device=device)
+
+        def step(hidden=hidden, weight=weight, targets=targets, cfg=cfg, g=g):
+            fused_token_logps(hidden, weight, targets, config=cfg).backward(g)
+
+        try:
+            ms, _ = measure(step, (hidden, weight), device, repeat)
+            cell = f"{ms:.2f}"
+        except Exception as e:  # a config that fails to compile (e.g. shared memory) is a result too
+            cell = f"failed: {type(e).__name__}"
+        tile = lambda t: f"{t.m}, {t.n}, {t.k}, {t.num_warps}, {t.num_stages}"
+        print(f"| {tile(lt)} | {tile(gt)} | {rows} | {cell} |", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------------
+
+
+def machine(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}; torch {torch.__version__}"
+    cpu = platform.processor() or platform.machine()
+    return f"{cpu}, {torch.get_num_threads()} threads; torch {torch.__version__}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default=None, choices=list(DTYPES),
+                        help="default: bf16 on GPU, fp32 on CPU")
+    parser.add_argument("--n", type=int, nargs="+", default=None,
+                        help="tokens (default: GPU 2048 8192 16384, CPU 2048 8192)")
+    parser.add_argument("--d", type=int, default=None, help="model dim (default: GPU 4096, CPU 512)")
+    parser.add_argument("--v", type=int, default=32000)
+    parser.add_argument("--impl", nargs="+", default=None, help="default: plain chunked (+ triton on GPU)")
+    parser.add_argument("--weight", nargs="+", default=["frozen", "trainable"],
+                        choices=["frozen", "trainable"])
+    parser.add_argument("--repeat", type=int, default=None,
+                        help="timed calls per row (default: GPU 10, CPU 1)")
+    parser.add_argument("--matmul-rate", action="store_true", help="measure the matmul floor")
+    parser.add_argument("--sweep", action="store_true", help="time Triton kernel configs (GPU) and exit")
+    args = parser.parse_args()
+
+    device = torch.device(args.device)
+    gpu = device.type == "cuda"
+    dtype = DTYPES[args.dtype or ("bf16" if gpu else "fp32")]
+    ns = args.n or ([2048, 8192, 16384] if gpu else [2048, 8192])
+    d = args.d or (4096 if gpu else 512)
+    impls = args.impl or (["plain", "chunked", "triton"] if gpu else ["plain", "chunked"])
+    repeat = args.repeat or (10 if gpu else 1)
+    if not gpu:
+        # mallopt(M_MMAP_THRESHOLD = -3, 64 KiB): big blocks go straight back to the OS on free.
+        ctypes.CDLL("libc.so.6").mallopt(-3, 64 * 1024)
+    if args.sweep:
+        sweep(device, dtype, args.n[0] if args.n else 8192, d, args.v, repeat)
+        return
+
+    name = "bf16" if dtype == torch.bfloat16 else "fp32"
+    rate = matmul_rate(device, dtype, 8192 if gpu else 2048, d, args.v, repeat) if args.matmul_rate else None
+    print(f"Machine: {machine(device)}")
+    if rate:
+        print(f"torch.matmul {name} rate: {rate / 1e12:.3g} TFLOP/s ((N, {d}) @ ({d}, {args.v}))")
+    print("\n| impl | N | D | V | dtype | weight | fwd+bwd ms | peak extra MB | speed-up vs plain "
+          "| memory vs plain |" + (" matmul floor ms | time / floor |" if rate else ""))
+    print("|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if rate else ""))
+    for n, weight in itertools.product(ns, args.weight):
+        plain = None
+        for impl in impls:
+            ms, peak = bench_row(impl, n, d, args.v, dtype, device, weight == "trainable", repeat)
+            gc.collect()  # this row's tensors are gone before the next row measures
+            if gpu:
+                torch.cuda.empty_cache()
+            if impl == "plain":
+                plain = (ms, peak)
+            rel = f"{plain[0] / ms:.2f}x | {peak / max(plain[1], 1):.1%}" if plain else "- | -"
+            row = (f"| {impl} | {n} | {d} | {args.v} | {name} | {weight} | {ms:.1f} "
+                   f"| {peak / 2**20:.0f} | {rel} |")
+            if rate:
+                floor = (6 if weight == "trainable" else 4) * n * d * args.v / rate * 1e3
+                row += f" {floor:.1f} | {ms / floor:.2f} |"
+            print(row, flush=True)
+
+
+if __name__ == "__main__":
+    main()
