@@ -226,7 +226,8 @@ class Transformer(nn.Module):
                 x = layer(x, cos, sin, mask, cache, i)
         if cache is not None:
             cache.advance(T)
-        x = self.norm(x)  # (B, T, D); rebinding frees the un-normed copy before the big projection
+        del cos, sin, mask  # free them, and (by rebinding x) the un-normed x, before the (B, T, V) logits
+        x = self.norm(x)  # (B, T, D)
         return x if return_hidden else self.lm_head(x).float()  # (B, T, V)
 
     def new_cache(self, batch_size: int, max_len: int, pad: torch.Tensor | None = None) -> KVCache:
