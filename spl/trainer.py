@@ -301,7 +301,8 @@ class Trainer:
             if self.step % t.log_every == 0 or self.step == t.max_steps:
                 last["tokens_per_s"] = seen * env.world_size / (time.perf_counter() - tic)
                 tic, seen = time.perf_counter(), 0
-                bar.set_postfix({k: f"{v:.4g}" for k, v in last.items() if k in ("loss", "rewards/accuracies", "rewards/margins")})
+                shown = ("loss", "rewards/accuracies", "rewards/margins")
+                bar.set_postfix({k: f"{v:.4g}" for k, v in last.items() if k in shown})
                 self._log(metrics_file, last)
             if self.eval_data is not None and (self.step % t.eval_every == 0 or self.step == t.max_steps):
                 ev = self.evaluate()
@@ -360,8 +361,8 @@ class Trainer:
         sd = get_optimizer_state_dict(self.wrapped, self.optimizer,
                                       options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         # With cpu_offload only rank 0 receives the gathered state; the others get {} and write nothing.
-        tensors = {f"{name}::{k}": v.detach().cpu().contiguous() for name, state in sd.get("state", {}).items()
-                   for k, v in state.items()}
+        tensors = {f"{name}::{k}": v.detach().cpu().contiguous()
+                   for name, state in sd.get("state", {}).items() for k, v in state.items()}
         return tensors, {"param_groups": sd.get("param_groups", [])}
 
     def _model_state(self) -> dict[str, torch.Tensor]:
@@ -371,7 +372,8 @@ class Trainer:
             if self.scorer.score is not None:
                 sd["score.weight"] = self.scorer.score.weight
             return {k: v.detach().cpu().contiguous() for k, v in sd.items()}
-        sd = get_model_state_dict(self.wrapped, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        sd = get_model_state_dict(self.wrapped, options=opts)
         return {k: v.detach().cpu().contiguous() for k, v in sd.items()}
 
     def save_checkpoint(self) -> Path:
@@ -445,8 +447,8 @@ class Trainer:
             raise TrainingError(f"{path}: checkpoint is for mode={state['mode']} lora={state['lora']}, "
                                 f"this run is mode={self.t.mode} lora={self.lora}")
         if state["world_size"] != self.env.world_size:
-            print0(self.env, f"resume: checkpoint used {state['world_size']} ranks, now {self.env.world_size}; "
-                   "the data order stays the same but RNG streams differ")
+            print0(self.env, f"resume: checkpoint used {state['world_size']} ranks, now "
+                   f"{self.env.world_size}; the data order stays the same but RNG streams differ")
         opts = StateDictOptions(full_state_dict=True, strict=False)
         if self.lora:
             from spl.lora import load_adapter
@@ -525,3 +527,77 @@ def run(cfg: Config, env: DistEnv) -> dict:
     trainer = Trainer(cfg, env, model, train_data, eval_data, tokenizer_path=str(tok_path),
                       base_path=str(Path(m.checkpoint).resolve()))
     return trainer.train()
+
+
+# ----------------------------------------------------------------------------- reading runs back
+
+@dataclass
+class Loaded:
+    """A model ready for sampling or evaluation, and where each part came from."""
+
+    model: nn.Module
+    tokenizer: object  # spl.tokenizer.Tokenizer
+    source: Path  # the directory the weights were read from
+    base: Path | None = None  # the base model under an adapter
+    reward_head: torch.Tensor | None = None  # (1, D) scalar head of a reward model
+    has_adapter: bool = False
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A run directory (``out_dir``) means its latest checkpoint; anything else is taken as given."""
+    path = Path(path)
+    if not path.exists():
+        raise TrainingError(f"checkpoint not found: {path} (train first: torchrun train.py)")
+    pointer = path / "checkpoints" / "latest"
+    if pointer.is_file():
+        step = path / "checkpoints" / pointer.read_text().strip()
+        if not step.is_dir():
+            raise TrainingError(f"{pointer} names {step.name}, which does not exist")
+        return step
+    return path
+
+
+def load_for_inference(path: str | os.PathLike, *, adapter: str | os.PathLike | None = None,
+                       tokenizer: str | os.PathLike | None = None, device: torch.device | str = "cpu",
+                       dtype: torch.dtype = torch.float32) -> Loaded:
+    """Load one of: a run directory or one of its ``step_*`` checkpoints (adapter over its base, or
+    merged weights), an HF-layout or original-layout model directory; then an optional extra
+    PEFT-format ``adapter``. The tokenizer is the checkpoint's own ``tokenizer.model`` unless given,
+    and its vocabulary must match the model's."""
+    from spl.checkpoint import check_tokenizer_vocab
+    from spl.lora import load_adapter
+    from spl.tokenizer import Tokenizer
+
+    src = resolve_checkpoint(path)
+    base, has_adapter, head = None, False, None
+    if (src / "trainer_state.json").is_file() and (src / "adapter").is_dir():
+        config = json.loads((src / "adapter" / "adapter_config.json").read_text())
+        base = Path(config.get("base_model_name_or_path") or "")
+        if not (base / "config.json").is_file() and not (base / "params.json").is_file():
+            # A run moved to another machine: look for the base beside the run (the demo's reference).
+            beside = src.parent.parent / "reference"
+            if not (beside / "config.json").is_file():
+                raise TrainingError(f"{src / 'adapter' / 'adapter_config.json'}: base model {str(base)!r} "
+                                    "not found; copy it back or pass the base as --checkpoint and the "
+                                    "adapter as --adapter")
+            base = beside
+        model, _ = load_model(base, dtype=dtype, device=device)
+        load_adapter(model, src / "adapter")
+        has_adapter = True
+    elif (src / "trainer_state.json").is_file() and (src / "model").is_dir():
+        model, _ = load_model(src / "model", dtype=dtype, device=device)
+    else:
+        model, _ = load_model(src, dtype=dtype, device=device)
+    if (src / "reward_head.safetensors").is_file():
+        head = load_file(src / "reward_head.safetensors")["weight"].to(device)
+    if adapter is not None:
+        load_adapter(model, adapter)
+        has_adapter = True
+    tok_path = Path(tokenizer) if tokenizer else src / "tokenizer.model"
+    if not tok_path.is_file() and base is not None:
+        tok_path = base / "tokenizer.model"
+    if not tok_path.is_file():
+        raise TrainingError(f"tokenizer not found: {tok_path} (pass --tokenizer)")
+    tok = Tokenizer(tok_path)
+    check_tokenizer_vocab(tok_path, model.cfg.vocab_size, tok.vocab_size)
+    return Loaded(model.eval(), tok, src, base, head, has_adapter)
