@@ -19,8 +19,8 @@ def main(argv: list[str] | None = None) -> int:
         from spl.config import Config
         print("Defaults:\n" + Config().to_yaml())
         return 0
-    from spl.config import ConfigError, load_config
     from spl.checkpoint import CheckpointError
+    from spl.config import ConfigError, load_config
     from spl.data import DataError
     from spl.trainer import TrainingError, init_distributed, run
 

@@ -30,7 +30,8 @@ QUESTIONS: list[tuple[str, list[str], list[float]]] = [
     ("Which pet would you rather have?", ["Dog", "Cat", "Fish", "Bird"], [0.45, 0.35, 0.12, 0.08]),
     ("How should a city spend a budget surplus?", ["Schools", "Transit", "Parks", "Tax cuts"],
      [0.40, 0.25, 0.20, 0.15]),
-    ("What do you drink first in the morning?", ["Coffee", "Tea", "Juice", "Water"], [0.50, 0.25, 0.15, 0.10]),
+    ("What do you drink first in the morning?", ["Coffee", "Tea", "Juice", "Water"],
+     [0.50, 0.25, 0.15, 0.10]),
 ]
 LETTERS = "ABCD"
 COMPARISONS_PER_PAIR = 100  # comparisons drawn for each pair of options of each question
@@ -94,8 +95,8 @@ def preference_records(seed: int) -> list[dict]:
 @torch.no_grad()
 def answer_distributions(model, tokenizer, *, adapters: bool = True) -> list[torch.Tensor]:
     """Per question, the model's sequence probabilities of the four answers, renormalized."""
-    from spl.lora import disable_adapters, lora_modules
     from spl.logprobs import sequence_logps
+    from spl.lora import disable_adapters, lora_modules
 
     out = []
     ctx = disable_adapters(model) if (not adapters and lora_modules(model)) else nullcontext()
@@ -147,7 +148,9 @@ def report(ref_dists, trained_dists, alpha: float, beta: float) -> tuple[str, li
 
 
 def demo_model_config(vocab_size: int) -> ModelConfig:
-    return ModelConfig(**{**ModelConfig.preset("tiny").__dict__, "vocab_size": vocab_size, "max_seq_len": 256})
+    from dataclasses import replace
+
+    return replace(ModelConfig.preset("tiny"), vocab_size=vocab_size, max_seq_len=256)
 
 
 def run_demo(cfg: Config, env) -> dict:

@@ -87,20 +87,34 @@ def _invert_cdf(cdf: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
 
 def sample_logits(logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """One token per row from softmax(logits), by inverting the CDF with one uniform per row -> (B,).
-
-    Exact, and several times cheaper on CPU than ``torch.multinomial``, which draws an exponential
-    per vocabulary entry. The cumulative sum is fp64: fp32 partial sums over 32k entries would blur
-    the probabilities of rare tokens by about 1e-7 each, ~1e-3 in total variation.
-    """
+    """One token per row from softmax(logits) -> (B,); see ``sample_probs``."""
     return sample_probs((logits - logits.amax(dim=-1, keepdim=True)).exp(), generator)  # -inf -> 0
 
 
+VOCAB_BLOCK = 256  # sample_probs: entries per vocabulary block (32000 = 125 blocks)
+
+
 def sample_probs(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """``sample_logits`` given (B, V) non-negative weights (normalized or not) -> (B,)."""
-    cdf = probs.cumsum(dim=-1, dtype=torch.float64)  # (B, V)
-    u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device, dtype=torch.float64)
-    return _invert_cdf(cdf, u).squeeze(1)  # (B,)
+    """One index per row from (B, V) non-negative weights (normalized or not) -> (B,).
+
+    Exact inverse-CDF sampling in two levels: pick a vocabulary block by its mass, then a token
+    inside it by the fp64 running sum of its entries; two uniforms per row. Why not simpler:
+    ``torch.multinomial`` draws an exponential per vocabulary entry (~8 ms per step at B = 16,
+    V = 32000 on CPU, more than the output projection); one fp32 cumulative sum over V would blur
+    rare tokens (partial sums near 1 carry ~6e-8 absolute error each); an fp64 one over V writes
+    a fresh (B, V) fp64 buffer per step, which costs several times its arithmetic on CPU.
+    Block masses are fp32 sums of 256 entries, relatively accurate to ~1e-7.
+    """
+    B, V = probs.shape
+    full = V - V % VOCAB_BLOCK  # entries in whole blocks; a shorter block holds the rest
+    masses = probs[:, :full].reshape(B, -1, VOCAB_BLOCK).sum(dim=-1)  # (B, V // 256) a view, no copy
+    if full < V:
+        masses = torch.cat([masses, probs[:, full:].sum(dim=-1, keepdim=True)], dim=1)  # (B, nb)
+    u = torch.rand(B, 2, generator=generator, device=probs.device, dtype=torch.float64)  # (B, 2)
+    block = _invert_cdf(masses.double().cumsum(dim=-1), u[:, :1])  # (B, 1)
+    cols = block * VOCAB_BLOCK + torch.arange(VOCAB_BLOCK, device=probs.device)  # (B, 256)
+    inside = probs.gather(1, cols.clamp(max=V - 1)).double().masked_fill(cols >= V, 0)  # (B, 256)
+    return (block * VOCAB_BLOCK + _invert_cdf(inside.cumsum(dim=-1), u[:, 1:])).squeeze(1)  # (B,)
 
 
 def systematic_resample(log_w: torch.Tensor, k: int, generator: torch.Generator | None = None
@@ -215,14 +229,12 @@ class _Rollout:
         """(A,) bool: which cache rows still decode (finished ones may linger until compaction)."""
         return ~self.done[self.rows]
 
-    def append(self, next_tokens: torch.Tensor, logp: torch.Tensor) -> bool:
-        """Record (A,) sampled tokens with their base log-probs (A, V); True when all rows ended."""
+    def append(self, next_tokens: torch.Tensor, token_logps: torch.Tensor) -> bool:
+        """Record (A,) sampled tokens and their (A,) base-model log-probs; True when all rows ended."""
         live = self.live()  # (A,)
         rows, nxt = self.rows[live], next_tokens[live]  # (A',) each
-        # Gather before masking: masking logp first would copy the whole (A, V) matrix.
-        chosen = logp.gather(1, next_tokens[:, None]).squeeze(1)  # (A,)
         self.out[rows, self.t] = nxt
-        self.logps[rows] += chosen[live]
+        self.logps[rows] += token_logps[live]
         self.num_tokens[rows] += 1
         if self.eos_id is not None:
             self.done[rows] = nxt == self.eos_id
@@ -289,16 +301,23 @@ def generate(model: Transformer, prompts: list[list[int]], *, max_new_tokens: in
     plain = temperature == 1.0 and top_k is None and top_p is None and min_p is None
     rollout = _Rollout(model, prompts, num_samples, max_new_tokens, eos_id, prefill_chunk)
     while True:
-        logp = rollout.logits.log_softmax(dim=-1)  # (A, V) base-model log-probs, for logps
-        if temperature == 0:
-            next_tokens = logp.argmax(dim=-1)  # (A,) filters cannot change the argmax
-        elif plain:
-            next_tokens = sample_probs(logp.exp(), generator)  # (A,) logp is already normalized
+        logits = rollout.logits  # (A, V) fp32, untempered
+        if plain:
+            # Softmax feeds both the draw and the log-prob of the drawn token: one pass over V
+            # fewer than log_softmax + exp. A drawn token has probability > 0, so its log is finite.
+            probs = logits.softmax(dim=-1)  # (A, V)
+            next_tokens = sample_probs(probs, generator)  # (A,)
+            token_logps = probs.gather(1, next_tokens[:, None]).squeeze(1).log()  # (A,)
         else:
-            logits = process_logits(rollout.logits, temperature=temperature, top_k=top_k, top_p=top_p,
-                                    min_p=min_p)  # (A, V)
-            next_tokens = sample_logits(logits, generator)  # (A,)
-        if rollout.append(next_tokens, logp):
+            if temperature == 0:
+                next_tokens = logits.argmax(dim=-1)  # (A,) filters cannot change the argmax
+            else:
+                filtered = process_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p,
+                                          min_p=min_p)  # (A, V)
+                next_tokens = sample_logits(filtered, generator)  # (A,)
+            # log pi of the drawn token without writing out a (A, V) log-softmax.
+            token_logps = logits.gather(1, next_tokens[:, None]).squeeze(1) - logits.logsumexp(dim=-1)
+        if rollout.append(next_tokens, token_logps):
             return rollout.output()
         rollout.advance()
 
@@ -411,7 +430,7 @@ def smc_sample(model: Transformer, prompts: list[list[int]], temperature: float,
             logp, proposal = logp[index], proposal[index]
             num_resamples += resample.long()
         next_tokens = sample_logits(proposal, generator)  # (A,) from q_t = p^(1/T) / Z_t
-        if rollout.append(next_tokens, logp):
+        if rollout.append(next_tokens, logp.gather(1, next_tokens[:, None]).squeeze(1)):
             break
         rollout.advance()
     log_w = log_w.view(P, n)

@@ -26,7 +26,8 @@ def run_script(args: list[str], *, nproc: int | None = None, timeout: float = 90
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
     if check and out.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-5000:]}")
+        raise AssertionError(f"{' '.join(cmd)} failed ({out.returncode}):\n"
+                             f"{out.stdout[-3000:]}\n{out.stderr[-5000:]}")
     return out
 
 
