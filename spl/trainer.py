@@ -256,10 +256,12 @@ class Trainer:
         t, env = self.t, self.env
         if env.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
+        if t.mode == "spl" and (t.ref_cache or not self.lora):
+            # Before any resume: the reference is the base model, not the checkpoint's weights. Full
+            # fine-tuning keeps its cache in out_dir so a resumed run does not recompute it.
+            self.precompute_reference(t.ref_cache or str(self.out_dir / "reference_logps.safetensors"))
         if t.resume:
             self.load_checkpoint()
-        if t.mode == "spl" and (t.ref_cache or not self.lora) and self.ref_cache is None:
-            self.precompute_reference(t.ref_cache)
         metrics_file = self.out_dir / "metrics.jsonl"
         bar = tqdm(total=t.max_steps, initial=self.step, disable=not env.is_main, desc=t.mode, unit="step")
         data = iter(self.batches)
