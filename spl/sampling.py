@@ -1,8 +1,9 @@
 """Sampling: KV-cached batched generation, token-level filters, and global-temperature samplers.
 
 Token-level temperature t (paper eq. 6) rescales and renormalizes every next-token distribution:
-``pi'(y) = prod_i pi(y_i | y_<i)^(1/t) / Z(y_<i)``. The SPL policy is instead a *global* temperature
-T = alpha / beta on whole sequences (eqs. 7-10): ``pi_T(y) = pi(y)^(1/T) / Z``. The two coincide
+``pi'(y) = prod_i pi(y_i | y_<i)^(1/t) / Z(y_<i)``. SPL trained at alpha / beta = T instead learns
+a *global* temperature on whole sequences of the DPO policy, ``pi_DPO(y)^(1/T) / Z`` (eqs. 7-10).
+At inference the same transform of any model is ``pi_T(y) = pi(y)^(1/T) / Z``. The two coincide
 only when no next-token distribution depends on the prefix; only the global one keeps the order of
 sequence probabilities. ``generate`` does the first; two samplers below target the second exactly
 (as their candidate count grows), for any model ``pi``:
@@ -287,6 +288,7 @@ def generate(model: Transformer, prompts: list[list[int]], *, max_new_tokens: in
     """``num_samples`` completions of each prompt (token ids), sampled token by token.
 
     Filters (module docstring) shape what is sampled; ``logps`` stay under the untempered model.
+    All ``len(prompts) * num_samples`` rows decode as one batch (split the prompts to bound memory);
     ``prefill_chunk`` bounds the prompt's attention memory. Same seed, same samples.
     """
     if temperature < 0:
@@ -326,19 +328,22 @@ def generate(model: Transformer, prompts: list[list[int]], *, max_new_tokens: in
 # Global temperature: target pi(y)^(1/T) over complete sequences (eqs. 7-10)
 
 
-def _global_output(samples: GenerationOutput, log_w: torch.Tensor, index: torch.Tensor,
-                   num_resamples: torch.Tensor, warn_ess: float, method: str) -> GlobalSampleOutput:
-    """Pick ``index`` (P, k) from the weighted candidates (P, n); diagnostics; warn on low ESS."""
+def _global_output(samples: GenerationOutput, log_w: torch.Tensor, num_samples: int,
+                   num_resamples: torch.Tensor, warn_ess: float, method: str,
+                   generator: torch.Generator | None) -> GlobalSampleOutput:
+    """Draw ``num_samples`` per prompt from the weighted candidates (P, n); diagnostics; warn."""
     P, n = log_w.shape
     ess = effective_sample_size(log_w)  # (P,)
     # The mean weight estimates E_q[pi^(1/T) / q] = sum_y pi(y)^(1/T), both samplers alike.
     log_z = log_w.logsumexp(dim=-1) - math.log(n)  # (P,)
     low = (ess < warn_ess * n).nonzero().squeeze(1).tolist()
     if low:
+        # stacklevel 3: past this helper and the public sampler, to the caller's line.
         warnings.warn(f"{method}: effective sample size below {warn_ess:.0%} of {n} candidates for "
                       f"prompts {low[:8]} (lowest {ess.min().item():.1f}); samples are close to "
                       f"copies of a few candidates. Raise num_candidates, bring the temperature "
                       f"closer to 1, or try the other method.", RuntimeWarning, stacklevel=3)
+    index = systematic_resample(log_w, num_samples, generator)  # (P, k) within each prompt
     flat = (index + n * torch.arange(P, device=index.device)[:, None]).flatten()  # (P * k,)
     chosen = samples.select(flat)
     return GlobalSampleOutput(chosen.tokens, chosen.logps, chosen.num_tokens, chosen.finished,
@@ -358,7 +363,6 @@ def _check_global(temperature: float, num_samples: int, num_candidates: int | No
     return n
 
 
-@torch.inference_mode()
 def importance_resample(model: Transformer, prompts: list[list[int]], temperature: float, *,
                         max_new_tokens: int, num_samples: int = 1, num_candidates: int | None = None,
                         eos_id: int | None = None, warn_ess: float = 0.1, seed: int | None = None,
@@ -376,12 +380,11 @@ def importance_resample(model: Transformer, prompts: list[list[int]], temperatur
     candidates = generate(model, prompts, max_new_tokens=max_new_tokens, num_samples=n, eos_id=eos_id,
                           generator=generator, prefill_chunk=prefill_chunk)
     log_w = ((1 / temperature - 1) * candidates.logps.double()).view(len(prompts), n)  # (P, n)
-    index = systematic_resample(log_w, num_samples, generator)  # (P, k)
     no_resamples = torch.zeros(len(prompts), dtype=torch.long, device=log_w.device)
-    return _global_output(candidates, log_w, index, no_resamples, warn_ess, "importance_resample")
+    return _global_output(candidates, log_w, num_samples, no_resamples, warn_ess, "importance_resample",
+                          generator)
 
 
-@torch.inference_mode()
 def smc_sample(model: Transformer, prompts: list[list[int]], temperature: float, *, max_new_tokens: int,
                num_samples: int = 1, num_candidates: int | None = None, eos_id: int | None = None,
                resample_threshold: float = 0.5, warn_ess: float = 0.1, seed: int | None = None,
@@ -404,6 +407,17 @@ def smc_sample(model: Transformer, prompts: list[list[int]], temperature: float,
     if not 0 <= resample_threshold <= 1:
         raise ValueError(f"resample_threshold must lie in [0, 1], got {resample_threshold}")
     generator = _make_generator(model, seed, generator)
+    particles, log_w, num_resamples = _smc_particles(model, prompts, temperature, n, max_new_tokens,
+                                                     eos_id, resample_threshold, generator, prefill_chunk)
+    return _global_output(particles, log_w, num_samples, num_resamples, warn_ess, "smc_sample", generator)
+
+
+@torch.inference_mode()
+def _smc_particles(model: Transformer, prompts: list[list[int]], temperature: float, n: int,
+                   max_new_tokens: int, eos_id: int | None, resample_threshold: float,
+                   generator: torch.Generator | None, prefill_chunk: int | None
+                   ) -> tuple[GenerationOutput, torch.Tensor, torch.Tensor]:
+    """The particle system of ``smc_sample``: all P * n particles, log-weights (P, n), resamples (P,)."""
     rollout = _Rollout(model, prompts, n, max_new_tokens, eos_id, prefill_chunk)
     P, device = len(prompts), rollout.logits.device
     log_w = torch.zeros(P * n, dtype=torch.float64, device=device)  # (B,) fp64: sums of many steps
@@ -431,11 +445,8 @@ def smc_sample(model: Transformer, prompts: list[list[int]], temperature: float,
             num_resamples += resample.long()
         next_tokens = sample_logits(proposal, generator)  # (A,) from q_t = p^(1/T) / Z_t
         if rollout.append(next_tokens, logp.gather(1, next_tokens[:, None]).squeeze(1)):
-            break
+            return rollout.output(), log_w.view(P, n), num_resamples
         rollout.advance()
-    log_w = log_w.view(P, n)
-    return _global_output(rollout.output(), log_w, systematic_resample(log_w, num_samples, generator),
-                          num_resamples, warn_ess, "smc_sample")
 
 
 def sample_global_temperature(model: Transformer, prompts: list[list[int]], temperature: float, *,
