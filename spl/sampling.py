@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -283,9 +284,12 @@ class _Rollout:
 def generate(model: Transformer, prompts: list[list[int]], *, max_new_tokens: int, num_samples: int = 1,
              eos_id: int | None = None, temperature: float = 1.0, top_k: int | None = None,
              top_p: float | None = None, min_p: float | None = None, seed: int | None = None,
-             generator: torch.Generator | None = None, prefill_chunk: int | None = None
-             ) -> GenerationOutput:
+             generator: torch.Generator | None = None, prefill_chunk: int | None = None,
+             stream: Callable[[int], None] | None = None) -> GenerationOutput:
     """``num_samples`` completions of each prompt (token ids), sampled token by token.
+
+    ``stream`` is called with each new token id of a single-row generation (one prompt, one
+    sample), so a terminal can show the text as it is produced.
 
     Filters (module docstring) shape what is sampled; ``logps`` stay under the untempered model.
     All ``len(prompts) * num_samples`` rows decode as one batch (split the prompts to bound memory);
@@ -299,6 +303,8 @@ def generate(model: Transformer, prompts: list[list[int]], *, max_new_tokens: in
         raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
     if min_p is not None and not 0 <= min_p <= 1:
         raise ValueError(f"min_p must lie in [0, 1], got {min_p}")
+    if stream is not None and len(prompts) * num_samples != 1:
+        raise ValueError("stream needs exactly one prompt and one sample")
     generator = _make_generator(model, seed, generator)
     plain = temperature == 1.0 and top_k is None and top_p is None and min_p is None
     rollout = _Rollout(model, prompts, num_samples, max_new_tokens, eos_id, prefill_chunk)
@@ -319,7 +325,10 @@ def generate(model: Transformer, prompts: list[list[int]], *, max_new_tokens: in
                 next_tokens = sample_logits(filtered, generator)  # (A,)
             # log pi of the drawn token without writing out a (A, V) log-softmax.
             token_logps = logits.gather(1, next_tokens[:, None]).squeeze(1) - logits.logsumexp(dim=-1)
-        if rollout.append(next_tokens, token_logps):
+        ended = rollout.append(next_tokens, token_logps)
+        if stream is not None:
+            stream(int(next_tokens[0]))
+        if ended:
             return rollout.output()
         rollout.advance()
 
