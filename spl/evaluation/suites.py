@@ -1,0 +1,477 @@
+"""The evaluation suites of paper §4 and App. B-E, built on the primitives of ``scoring.py``.
+
+- ``diversity_suite`` (§4.1, App. B): N responses per HH-RLHF prompt; embedding cosine distance
+  (eq. 44), distinct-n, self-BLEU, fraction unique, non-word token rate; average reward under a
+  Bradley-Terry reward model; per-token cross-entropy under the reference policy; LLM-judge
+  diversity (App. B.1) when an endpoint is configured.
+- ``bestofn_generate`` + ``best_of_n_summary`` (§4.2, App. C): few-shot GSM8K/MATH samples, unbiased
+  pass@k, splits by difficulty, redundant solutions; ``read_completions`` scores completions
+  generated elsewhere.
+- ``calibration_suite`` (§4.3, App. D): option-letter probabilities renormalized over the options;
+  accuracy, ECE, Brier and reliability bins.
+- ``opinions_suite``: GlobalOpinionQA answer distributions against a population's (KL, TV).
+- ``demo_suite``: the embedded demo's answer distributions against the population and against
+  SPL's optimal policy (Prop. A.1) for the run's own alpha and beta.
+
+Every suite returns plain dicts of numbers: a ``summary`` (what the report tables show) and
+``details`` (per-prompt or per-question values, kept in results.json only).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from spl.evaluation import metrics
+from spl.evaluation.datasets import (
+    LETTERS,
+    MATH500_LEVELS_1_3_5,
+    MathProblem,
+    MultipleChoice,
+    OpinionQuestion,
+    load_gsm8k,
+    load_hh_rlhf,
+    load_math,
+)
+from spl.evaluation.judge import JudgeClient, judge_diversity
+from spl.evaluation.math_answers import (
+    GSM8K_STOP,
+    MATH_STOP,
+    build_gsm8k_prompt,
+    build_math_prompt,
+    gsm8k_is_correct,
+    math_is_correct,
+    truncate_at_stop,
+)
+from spl.evaluation.scoring import (
+    EvalModel,
+    EvaluationError,
+    Prompt,
+    SamplingSetting,
+    fit_prompt,
+    option_logprobs,
+    option_token_ids,
+    response_embeddings,
+    response_text,
+    reward_scores,
+    sample_responses,
+    sequence_logprobs,
+)
+
+PASS_AT_K = (1, 4, 16, 64, 128)  # §4.2's sample counts
+HH_STOP = ("\n\nHuman:",)  # a plain-text model continues the dialogue with the next user turn
+
+
+def subset(items: Sequence, limit: int | None, seed: int) -> list:
+    """``limit`` items drawn with a seeded generator, in their original order (all if None).
+
+    The same seed picks the same items for every checkpoint, so their numbers compare.
+    """
+    if limit is None or limit >= len(items):
+        return list(items)
+    keep = sorted(random.Random(seed).sample(range(len(items)), limit))
+    return [items[i] for i in keep]
+
+
+def _mean(values: Sequence[float | None]) -> float:
+    return metrics.summarize(values)["mean"]
+
+
+def _summaries(per_prompt: dict[str, list[float | None]]) -> tuple[dict[str, float], dict[str, float]]:
+    """{metric: per-prompt values} -> ({metric: mean}, {metric: standard error of the mean}).
+
+    Two rows rather than one with twice the columns, so the report's tables stay readable.
+    """
+    stats = {name: metrics.summarize(values) for name, values in per_prompt.items()}
+    return {k: s["mean"] for k, s in stats.items()}, {k: s["stderr"] for k, s in stats.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Diversity and quality (§4.1)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Scorers:
+    """What scores a policy's responses beyond the text metrics; any part may be missing."""
+
+    reward: EvalModel | None = None  # a reward-mode run (its reward_head is set)
+    reference: EvalModel | None = None  # a separately loaded reference policy
+    embedder: object | None = None  # a sentence embedder with .encode(texts) and .name
+    judge: JudgeClient | None = None
+
+
+def reference_for(policy: EvalModel, scorers: Scorers
+                  ) -> tuple[EvalModel, Callable[[], AbstractContextManager], str]:
+    """The reference policy for the cross-entropy metric, how to enter it, and its description.
+
+    ``--reference`` if given; else the same weights with LoRA adapters disabled (the SPL/DPO
+    reference of a LoRA run); else the policy itself (then the "cross-entropy" is the policy's
+    own per-token entropy estimate, which the report says).
+    """
+    if scorers.reference is not None:
+        return scorers.reference, nullcontext, f"separate model {scorers.reference.path}"
+    if policy.has_adapter:
+        from spl.lora import disable_adapters
+        return policy, lambda: disable_adapters(policy.model), "the policy with its LoRA adapters disabled"
+    return policy, nullcontext, "the policy itself (no adapter and no --reference given)"
+
+
+def _pair_for(target: EvalModel, same: bool, prompt: Prompt, prompt_ids: list[int], resp_ids: list[int],
+              text: str, finished: bool) -> tuple[list[int], list[int]]:
+    """(prompt, response) ids as ``target`` reads them: the policy's ids when it encodes the same
+    way (``same``), else re-encoded from the text; cut to fit its context window."""
+    if not same:
+        prompt_ids = target.encode_prompt(prompt)
+        resp_ids = target.tokenizer.encode(text) + ([target.tokenizer.eos_id] if finished else [])
+    resp_ids = resp_ids[:target.max_len - 2]
+    prompt_ids, _ = fit_prompt(prompt_ids, target.max_len - len(resp_ids), target.tokenizer.bos_id)
+    return prompt_ids, resp_ids
+
+
+def load_diversity_prompts(limit: int | None, seed: int) -> list[Prompt]:
+    """HH-RLHF helpful-base test prompts (the shipped first 800), a seeded subset of ``limit``."""
+    return [Prompt.hh_dialogue(d.id, d.prompt) for d in subset(load_hh_rlhf(), limit, seed)]
+
+
+def diversity_suite(policy: EvalModel, prompts: Sequence[Prompt], setting: SamplingSetting,
+                    scorers: Scorers, *, num_samples: int, max_new_tokens: int, batch_size: int,
+                    seed: int) -> dict:
+    """Diversity and quality of ``num_samples`` responses to each prompt under one sampling setting."""
+    if num_samples < 2:
+        raise EvaluationError("the diversity suite compares responses: --num-samples must be at least 2")
+    tok = policy.tokenizer
+    budget = policy.max_len - max_new_tokens  # prompt tokens that leave room for a full response
+    encoded = [fit_prompt(policy.encode_prompt(p), budget, tok.bos_id) for p in prompts]
+    prompt_ids = [ids for ids, _ in encoded]
+    generator = torch.Generator(device=policy.device).manual_seed(seed)
+    samples = sample_responses(policy, prompt_ids, setting, num_samples=num_samples,
+                               max_new_tokens=max_new_tokens, batch_size=batch_size, generator=generator,
+                               desc=f"diversity {policy.name} {setting.label}")
+    # Responses as text (cut where a plain-text model starts the next "Human:" turn) and as ids.
+    stops = () if policy.chat else HH_STOP
+    texts, resp_ids, finished = [], [], []
+    for toks, fins in zip(samples.tokens, samples.finished, strict=True):
+        cut = [response_text(tok, t, stops) for t in toks]
+        texts.append([c[0] for c in cut])
+        resp_ids.append([c[1] for c in cut])
+        finished.append([f and not c[2] for f, c in zip(fins, cut, strict=True)])
+    n = num_samples
+    flat = [(i, j) for i in range(len(prompts)) for j in range(n)]
+    per_prompt: dict[str, list[float | None]] = {
+        "distinct_1": [metrics.distinct_n(t, 1) for t in texts],
+        "distinct_2": [metrics.distinct_n(t, 2) for t in texts],
+        "self_bleu": [metrics.self_bleu(t) for t in texts],
+        "fraction_unique": [metrics.fraction_unique(t) for t in texts],
+        "non_word_token_rate": [metrics.non_word_token_rate(t) for t in texts],
+        "response_tokens": [float(np.mean([len(r) for r in rs])) for rs in resp_ids],
+    }
+    # Embedding cosine distance (eq. 44): a sentence encoder if installed, else the policy's states.
+    if scorers.embedder is not None:
+        emb = scorers.embedder.encode([texts[i][j] for i, j in flat])
+    else:
+        emb = response_embeddings(policy.model, [prompt_ids[i] for i, _ in flat],
+                                  [resp_ids[i][j] for i, j in flat], batch_size=batch_size)
+    emb = emb.reshape(len(prompts), n, -1)
+    per_prompt["embedding_cosine_distance"] = [metrics.mean_pairwise_cosine_distance(e) for e in emb]
+    # Average reward (§4.1's second quality metric).
+    if scorers.reward is not None:
+        same = scorers.reward.same_encoding(policy)
+        pairs = [_pair_for(scorers.reward, same, prompts[i], prompt_ids[i], resp_ids[i][j], texts[i][j],
+                           finished[i][j]) for i, j in flat]
+        rewards = np.array(reward_scores(scorers.reward.model, scorers.reward.reward_head,
+                                         [p + r for p, r in pairs], batch_size=batch_size)).reshape(-1, n)
+        per_prompt["reward"] = rewards.mean(axis=1).tolist()
+    # Per-token cross-entropy under the reference: -(sum of log pi_ref) / (number of tokens), per prompt.
+    ref, ref_context, ref_name = reference_for(policy, scorers)
+    same = ref is policy or ref.same_encoding(policy)
+    pairs = [_pair_for(ref, same, prompts[i], prompt_ids[i], resp_ids[i][j], texts[i][j], finished[i][j])
+             for i, j in flat]
+    logps, counts = sequence_logprobs(ref.model, [p for p, _ in pairs], [r for _, r in pairs],
+                                      batch_size=batch_size, context=ref_context, desc="reference log-probs")
+    logps, counts = np.array(logps).reshape(-1, n), np.array(counts).reshape(-1, n)
+    per_prompt["reference_cross_entropy"] = [-lp.sum() / c.sum() if c.sum() else None
+                                             for lp, c in zip(logps, counts, strict=True)]
+    # LLM-judge diversity (App. B.1), pools of 4 (2 for logical agreement).
+    if scorers.judge is not None:
+        if n < 4:
+            raise EvaluationError("the LLM-judge metrics rate pools of 4 responses: use --num-samples >= 4")
+        judged: dict[str, list[float | None]] = {}
+        pools = list(zip(prompts, texts, strict=True))
+        for p, t in tqdm(pools, desc="LLM judge", unit="prompt", leave=False):
+            for name, r in judge_diversity(scorers.judge, p.text, t).items():
+                judged.setdefault(f"judge_{name}", []).append(r["mean"])
+        per_prompt.update(judged)
+    means, stderr = _summaries(per_prompt)
+    summary = {"prompts": len(prompts), "samples_per_prompt": n,
+               "prompts_truncated": sum(cut for _, cut in encoded), **means}
+    if samples.ess:
+        summary["sampler_mean_ess"] = float(np.mean(samples.ess))
+        summary["sampler_min_ess"] = float(np.min(samples.ess))
+    records = [{"prompt_id": prompts[i].id, "sample": j, "response": texts[i][j], "finished": finished[i][j]}
+               for i, j in flat]
+    details = {"prompt_ids": [p.id for p in prompts], **per_prompt}
+    return {"summary": summary, "stderr": stderr, "details": details, "reference": ref_name,
+            "samples": records}
+
+
+# ---------------------------------------------------------------------------------------------
+# Best-of-N math (§4.2)
+# ---------------------------------------------------------------------------------------------
+BESTOFN_DATASETS = ("gsm8k", "math")
+
+
+def load_bestofn_problems(dataset: str, limit: int | None, seed: int) -> list[MathProblem]:
+    """GSM8K test problems, or MATH-500 problems at levels 1, 3 and 5 (the paper's easy/medium/hard).
+
+    ``limit`` is per dataset; for MATH it is spread evenly over the three levels.
+    """
+    if dataset == "gsm8k":
+        return subset(load_gsm8k(), limit, seed)
+    if dataset == "math":
+        problems = load_math(MATH500_LEVELS_1_3_5)
+        if limit is None:
+            return problems
+        per_level = max(1, limit // 3)
+        return [p for level in (1, 3, 5)
+                for p in subset([q for q in problems if q.level == level], per_level, seed)]
+    raise EvaluationError(f"unknown best-of-N dataset {dataset!r}; choose from {BESTOFN_DATASETS}")
+
+
+def bestofn_prompt(dataset: str, problem: MathProblem) -> Prompt:
+    """App. C.4's few-shot prompt for one problem."""
+    text = build_gsm8k_prompt(problem.question) if dataset == "gsm8k" else build_math_prompt(problem.question)
+    return Prompt.user(problem.id, text)
+
+
+def is_correct(dataset: str, completion: str, gold: str) -> bool:
+    return gsm8k_is_correct(completion, gold) if dataset == "gsm8k" else math_is_correct(completion, gold)
+
+
+def solution_of(dataset: str, completion: str) -> str:
+    """The part of a completion that answers our problem (before the next few-shot question)."""
+    return truncate_at_stop(completion, GSM8K_STOP if dataset == "gsm8k" else MATH_STOP)
+
+
+def bestofn_generate(policy: EvalModel, dataset: str, problems: Sequence[MathProblem],
+                     setting: SamplingSetting, *, num_samples: int, max_new_tokens: int, batch_size: int,
+                     seed: int) -> tuple[list[list[str]], int]:
+    """``num_samples`` completions (text) per problem, and how many prompts had to be cut to fit."""
+    tok = policy.tokenizer
+    encoded = [fit_prompt(policy.encode_prompt(bestofn_prompt(dataset, p)), policy.max_len - max_new_tokens,
+                          tok.bos_id) for p in problems]
+    generator = torch.Generator(device=policy.device).manual_seed(seed)
+    samples = sample_responses(policy, [ids for ids, _ in encoded], setting, num_samples=num_samples,
+                               max_new_tokens=max_new_tokens, batch_size=batch_size, generator=generator,
+                               desc=f"{dataset} {policy.name} {setting.label}")
+    return [[tok.decode(t) for t in toks] for toks in samples.tokens], sum(cut for _, cut in encoded)
+
+
+def best_of_n_summary(dataset: str, problems: Sequence[MathProblem], completions: Sequence[Sequence[str]],
+                      difficulty: dict[str, str] | None = None, ks: Sequence[int] = PASS_AT_K) -> dict:
+    """Correctness of every completion, pass@k and redundancy, overall and per difficulty split.
+
+    Splits: MATH by level; GSM8K by ``difficulty`` (problem id -> easy/medium/hard) when given.
+    Returns ``{"splits": {split: metrics}, "correct": per-problem lists of bools}``.
+    """
+    if len(problems) != len(completions):
+        raise ValueError(f"{len(problems)} problems but {len(completions)} completion lists")
+    correct = [[is_correct(dataset, c, p.answer) for c in cs]
+               for p, cs in zip(problems, completions, strict=True)]
+    groups: dict[str, list[int]] = {"all": list(range(len(problems)))}
+    for i, p in enumerate(problems):
+        split = f"level {p.level}" if p.level is not None else (difficulty or {}).get(p.id)
+        if split is not None:
+            groups.setdefault(split, []).append(i)
+    splits = {}
+    for split, idx in groups.items():
+        n = [len(completions[i]) for i in idx]
+        c = [sum(correct[i]) for i in idx]
+        row: dict[str, float | int] = {"problems": len(idx), "samples_per_problem": min(n)}
+        for k, value in metrics.mean_pass_at_k(n, c, ks).items():
+            row[f"pass@{k}"] = value
+        row["fraction_correct"] = float(np.mean([ci / ni for ci, ni in zip(c, n, strict=True)]))
+        redundancy = [metrics.redundancy_fraction([solution_of(dataset, s) for s in completions[i]],
+                                                  correct[i]) for i in idx]
+        row["redundant_solutions"] = _mean(redundancy)
+        row["problems_with_a_correct_solution"] = sum(ci > 0 for ci in c)
+        splits[split] = row
+    return {"splits": splits, "correct": correct}
+
+
+def gsm8k_difficulty(problems: Sequence[MathProblem], correct: Sequence[Sequence[bool]]) -> dict[str, str]:
+    """Easy/medium/hard per GSM8K problem from one model's samples in generation order (§4.2)."""
+    return {p.id: metrics.difficulty_from_first_success(c) for p, c in zip(problems, correct, strict=True)}
+
+
+def read_completions(path: str | Path) -> dict[tuple[str, str], tuple[list[MathProblem], list[list[str]]]]:
+    """Completions generated elsewhere, grouped: {(model, dataset): (problems, completions per problem)}.
+
+    One JSON object per line: ``dataset`` ("gsm8k" or "math"), ``completion`` (the generated
+    text after the prompt), the problem as ``id`` (e.g. "gsm8k-12", or MATH-500's unique_id
+    "test/algebra/1004.json") or ``problem`` (its exact text), and optionally ``answer`` (the
+    gold answer; looked up in data/ when absent) and ``model`` (a curve label, default
+    "completions"). Every completion of a problem counts as one of its n samples.
+    """
+    from spl.evaluation.datasets import read_jsonl
+
+    known = {"gsm8k": load_gsm8k(), "math": load_math()}
+    by_id = {ds: {p.id: p for p in ps} for ds, ps in known.items()}
+    by_text = {ds: {p.question.strip(): p for p in ps} for ds, ps in known.items()}
+    grouped: dict[tuple[str, str], dict[str, tuple[MathProblem, list[str]]]] = {}
+    for r in read_jsonl(path, {"dataset": str, "completion": str}):
+        where, dataset = r["_where"], r["dataset"]
+        if dataset not in BESTOFN_DATASETS:
+            raise EvaluationError(f"{where}: dataset must be one of {BESTOFN_DATASETS}, got {dataset!r}")
+        key = r.get("id") or r.get("problem")
+        if not isinstance(key, str) or not key.strip():
+            raise EvaluationError(f"{where}: give the problem as 'id' or 'problem' (a string)")
+        problem = by_id[dataset].get(key) or by_text[dataset].get(key.strip())
+        if "answer" in r:
+            level = r.get("level", problem.level if problem else None)
+            problem = MathProblem(problem.id if problem else key, problem.question if problem else key,
+                                  "", str(r["answer"]), level=level)
+        elif problem is None:
+            raise EvaluationError(f"{where}: {dataset} problem {key[:60]!r} is not in the shipped data; "
+                                  "give its gold 'answer'")
+        model = str(r.get("model", "completions"))
+        entry = grouped.setdefault((model, dataset), {}).setdefault(problem.id, (problem, []))
+        entry[1].append(r["completion"])
+    return {key: ([p for p, _ in group.values()], [cs for _, cs in group.values()])
+            for key, group in grouped.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Multiple choice: calibration (§4.3) and opinions
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class OptionScores:
+    """Renormalized option probabilities of the questions that could be scored."""
+
+    kept: list[int]  # indices of the scored questions
+    probs: list[list[float]]  # one row per kept question
+    truncated: int  # prompts cut on the left to fit the context window
+    skipped: int  # questions whose option letters the tokenizer cannot tell apart
+
+
+def option_probabilities(policy: EvalModel, prompts: Sequence[Prompt], letters: Sequence[Sequence[str]], *,
+                         batch_size: int, desc: str) -> OptionScores:
+    """Option-letter log-probs after each prompt, renormalized over the options (App. D)."""
+    tok = policy.tokenizer
+    options = [option_token_ids(tok, ls) for ls in letters]
+    kept = [i for i, o in enumerate(options) if o is not None]
+    if not kept:
+        raise EvaluationError(f"tokenizer {tok.path} gives no question's option letters distinct ids "
+                              f"(e.g. {letters[0]} -> {[tok.encode(x) for x in letters[0]]})")
+    encoded = [fit_prompt(policy.encode_prompt(prompts[i]), policy.max_len - max(map(len, options[i])),
+                          tok.bos_id) for i in kept]
+    logps = option_logprobs(policy.model, [ids for ids, _ in encoded], [options[i] for i in kept],
+                            batch_size=batch_size, desc=desc)
+    return OptionScores(kept, [metrics.softmax_over_options(lp) for lp in logps],
+                        sum(cut for _, cut in encoded), len(prompts) - len(kept))
+
+
+def calibration_suite(policy: EvalModel, dataset: str, questions: Sequence[MultipleChoice], *,
+                      batch_size: int, n_bins: int) -> dict:
+    """App. D: accuracy, ECE over ``n_bins`` equal-width bins, multi-class Brier, reliability bins."""
+    prompts = [Prompt.user(q.id, q.prompt()) for q in questions]
+    scores = option_probabilities(policy, prompts, [q.letters for q in questions], batch_size=batch_size,
+                                  desc=f"{dataset} {policy.name}")
+    questions = [questions[i] for i in scores.kept]
+    correct = [q.correct_index for q in questions]
+    result = metrics.calibration_metrics(scores.probs, correct, n_bins)
+    reliability = result.pop("reliability")
+    result.pop("brier_form")  # one sentence for the whole report (the runner's notes), not a column
+    summary = {**result, "prompts_truncated": scores.truncated, "questions_skipped": scores.skipped}
+    details = {"question_ids": [q.id for q in questions], "correct_index": correct,
+               "predicted_index": [int(np.argmax(p)) for p in scores.probs],
+               "probabilities": [[round(x, 6) for x in p] for p in scores.probs]}
+    return {"summary": summary, "reliability": reliability, "details": details}
+
+
+def opinions_suite(policy: EvalModel, questions: Sequence[OpinionQuestion], *, population: str,
+                   batch_size: int) -> dict:
+    """The model's renormalized answer-letter distribution against the population's, per question.
+
+    KL(population || model) (nats, model floored at 1e-6) and total variation, averaged over
+    questions, beside a uniform-answer baseline and the rate at which the model's top answer is
+    the population's.
+    """
+    questions = [q for q in questions if population in q.distributions]
+    if not questions:
+        raise EvaluationError(f"no opinion question carries a distribution for population {population!r}")
+    prompts = [Prompt.user(q.id, q.prompt()) for q in questions]
+    scores = option_probabilities(policy, prompts, [list(LETTERS[:len(q.options)]) for q in questions],
+                                  batch_size=batch_size, desc=f"opinions {policy.name}")
+    questions = [questions[i] for i in scores.kept]
+    pops, probs = [q.distributions[population] for q in questions], scores.probs
+    uniform = [[1.0 / len(p)] * len(p) for p in pops]
+    pairs = list(zip(pops, probs, strict=True))
+    per_question = {
+        "kl": [metrics.kl_divergence(p, m) for p, m in pairs],
+        "tv": [metrics.total_variation(p, m) for p, m in pairs],
+        "uniform_kl": [metrics.kl_divergence(p, u) for p, u in zip(pops, uniform, strict=True)],
+        "uniform_tv": [metrics.total_variation(p, u) for p, u in zip(pops, uniform, strict=True)],
+        "top_answer_agrees": [float(np.argmax(p) == np.argmax(m)) for p, m in pairs],
+    }
+    means, stderr = _summaries(per_question)
+    summary = {"questions": len(questions), "questions_skipped": scores.skipped, "population": population,
+               "prompts_truncated": scores.truncated, **means}
+    details = {"question_ids": [q.id for q in questions], **per_question,
+               "model": [[round(x, 6) for x in m] for m in probs]}
+    return {"summary": summary, "stderr": stderr, "details": details}
+
+
+# ---------------------------------------------------------------------------------------------
+# The embedded demo (§3, Prop. A.1)
+# ---------------------------------------------------------------------------------------------
+
+
+def demo_suite(policy: EvalModel) -> dict:
+    """The demo questions' answer distributions: trained model, reference, population, theory.
+
+    The trained distribution is the model's sequence probabilities of the four answers,
+    renormalized (``spl.demo.answer_distributions``); the reference is the same weights with
+    adapters disabled. SPL's optimum ``ref^(beta/alpha) * p^(1/alpha)`` uses alpha and beta from
+    the run's config.yaml, and is left out when the checkpoint has none.
+    """
+    from spl.demo import QUESTIONS, answer_distributions, theory
+
+    train = (policy.config or {}).get("train", {})
+    alpha, beta = train.get("alpha"), train.get("beta")
+    has_theory = train.get("mode") == "spl" and alpha is not None and beta is not None
+    trained = answer_distributions(policy.model, policy.tokenizer)
+    reference = answer_distributions(policy.model, policy.tokenizer, adapters=False)
+    rows, per_question = [], {"kl_population_trained": [], "tv_population_trained": [],
+                              "kl_population_reference": [], "tv_population_reference": []}
+    if has_theory:
+        per_question.update({"tv_spl_theory_trained": [], "kl_spl_theory_trained": []})
+    for (question, options, pop), got, ref in zip(QUESTIONS, trained, reference, strict=True):
+        pop_t = torch.tensor(pop, dtype=torch.float64)
+        per_question["kl_population_trained"].append(metrics.kl_divergence(pop, got.tolist()))
+        per_question["tv_population_trained"].append(metrics.total_variation(pop, got.tolist()))
+        per_question["kl_population_reference"].append(metrics.kl_divergence(pop, ref.tolist()))
+        per_question["tv_population_reference"].append(metrics.total_variation(pop, ref.tolist()))
+        spl = dpo = None
+        if has_theory:
+            spl, dpo = theory(ref, pop_t, alpha, beta), theory(ref, pop_t, beta, beta)
+            per_question["tv_spl_theory_trained"].append(metrics.total_variation(spl.tolist(), got.tolist()))
+            per_question["kl_spl_theory_trained"].append(metrics.kl_divergence(spl.tolist(), got.tolist()))
+        for k, option in enumerate(options):
+            row = {"question": question, "option": option, "population": pop[k], "reference": float(ref[k])}
+            if has_theory:
+                row.update({"spl_theory": float(spl[k]), "dpo_theory": float(dpo[k])})
+            rows.append({**row, "trained": float(got[k])})
+    summary = {"alpha": alpha, "beta": beta, "global_temperature": alpha / beta if has_theory else math.nan,
+               **{name: float(np.mean(v)) for name, v in per_question.items()}}
+    return {"summary": summary, "answers": rows, "details": per_question}

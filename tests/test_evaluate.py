@@ -1,0 +1,297 @@
+"""evaluate.py end to end on the demo run, --completions scoring with known pass@k, and the
+model-driven primitives (spl/evaluation/scoring.py) against brute-force computations."""
+
+import json
+import shutil
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from evaluate import main as evaluate_main
+from spl.data import Where, parse_hh
+from spl.demo import demo_model_config, train_demo_tokenizer
+from spl.evaluation.datasets import MultipleChoice, load_gsm8k, load_math
+from spl.evaluation.runner import EvalConfig
+from spl.evaluation.scoring import (
+    EvalModel,
+    EvaluationError,
+    Prompt,
+    fit_prompt,
+    option_logprobs,
+    reward_scores,
+    sequence_logprobs,
+)
+from spl.evaluation.suites import option_probabilities
+from spl.lora import apply_lora, disable_adapters
+from spl.model import Transformer
+from spl.tokenizer import Tokenizer
+from spl.trainer import Scorer
+from tests.conftest import run_script
+
+KEY_ENV = "SPL_TEST_EVAL_JUDGE_KEY"
+KEY = "sk-evaluate-test-not-a-real-key"
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+class JudgeStub:
+    """A chat-completions server on 127.0.0.1 that rates every pool 3 and records the requests."""
+
+    def __init__(self):
+        self.requests: list[dict] = []
+        stub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 (http.server's naming)
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                auth = self.headers.get("Authorization")
+                stub.requests.append({"path": self.path, "auth": auth, "body": body})
+                data = json.dumps({"choices": [{"message": {"content": "Rating: 3\nSimilar."}}]}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.02,), daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def make_reward_run(reference: Path, out: Path) -> Path:
+    """A full-weights reward-mode checkpoint (as Trainer writes one) over the demo's reference model."""
+    shutil.copytree(reference, out / "model")
+    shutil.copy(reference / "tokenizer.model", out / "tokenizer.model")
+    (out / "trainer_state.json").write_text(json.dumps({"step": 1, "mode": "reward", "lora": False}))
+    dim = json.loads((reference / "config.json").read_text())["hidden_size"]
+    save_file({"weight": torch.randn(1, dim) / dim**0.5}, str(out / "reward_head.safetensors"))
+    return out
+
+
+def test_evaluate_demo_end_to_end(demo_run, tmp_path, monkeypatch):
+    """Every suite on the demo run, two temperatures, a reward model and a stub LLM judge."""
+    reward = make_reward_run(demo_run / "reference", tmp_path / "reward")
+    out = tmp_path / "eval"
+    stub = JudgeStub()
+    monkeypatch.setenv(KEY_ENV, KEY)
+    try:
+        proc = run_script(["evaluate.py", "--checkpoint", str(demo_run), "--out", str(out),
+                           "--suite", "demo,opinions,diversity", "--suite", "calibration,bestofn",
+                           "--num-prompts", "2", "--num-samples", "4", "--max-new-tokens", "6",
+                           "--limit", "3", "--bestofn-samples", "4", "--temperature", "1,1.5",
+                           "--reward-model", str(reward), "--judge-url", stub.url,
+                           "--judge-model", "stub-judge", "--judge-key-env", KEY_ENV])
+    finally:
+        stub.close()
+    results = json.loads((out / "results.json").read_text())
+    sections = {"meta", "notes", "demo", "opinions", "diversity", "calibration", "best_of_n", "details"}
+    assert sections <= set(results)
+    meta = results["meta"]
+    assert meta["checkpoints"] == [str(demo_run)] and meta["seed"] == 0 and meta["ece_bins"] == 10
+    assert "policy mean-pooled" in meta["embedding_source"] or "MiniLM" in meta["embedding_source"]
+    assert meta["reference_policy"]["run"] == "the policy with its LoRA adapters disabled"
+
+    # The demo suite: the trained model is near SPL's optimum for the run's alpha = 1, beta = 0.1.
+    demo = results["demo"]["run"]["summary"]
+    assert (demo["alpha"], demo["beta"]) == (1.0, 0.1)
+    assert demo["tv_spl_theory_trained"] < 0.1 < demo["tv_population_reference"]
+    assert len(results["demo"]["run"]["answers"]) == 16
+
+    opinions = results["opinions"]["run"]
+    assert opinions["questions"] == 3 and 0 <= opinions["tv"] <= 1 and opinions["kl"] >= 0
+
+    points = results["diversity"]
+    assert set(points) == {"run t=1", "run t=1.5"}
+    for row in points.values():
+        assert row["prompts"] == 2 and row["samples_per_prompt"] == 4
+        for name in ("distinct_1", "distinct_2", "self_bleu", "fraction_unique", "non_word_token_rate"):
+            assert 0 <= row[name] <= 1, name
+        assert 0 <= row["embedding_cosine_distance"] <= 2
+        assert row["reference_cross_entropy"] > 0 and isinstance(row["reward"], float)
+        # The stub rates every pool 3: content diversity 3, logical disagreement 5 - 3.
+        assert row["judge_content_diversity"] == 3 and row["judge_logical_disagreement"] == 2
+    # 2 prompts x 2 temperatures x (3 metrics x 1 pool of 4 + 2 pools of 2 for logical agreement).
+    assert len(stub.requests) == 20
+    assert all(r["auth"] == f"Bearer {KEY}" and r["body"]["model"] == "stub-judge" for r in stub.requests)
+
+    for dataset in ("mmlu", "truthfulqa"):
+        cal = results["calibration"][dataset]["run"]
+        assert cal["n"] + cal["questions_skipped"] == 3 and cal["ece_bins"] == 10
+        assert 0 <= cal["accuracy"] <= 1 and 0 <= cal["brier"] <= 2
+        probs = results["details"]["calibration"][dataset]["run"]["probabilities"]
+        assert all(abs(sum(p) - 1) < 1e-4 for p in probs)
+    for dataset in ("gsm8k", "math"):
+        for row in results["best_of_n"][dataset]["all"].values():
+            assert row["samples_per_problem"] == 4 and {"pass@1", "pass@4"} <= set(row)
+            assert 0 <= row["pass@1"] <= row["pass@4"] <= 1
+    assert set(results["best_of_n"]["math"]) == {"all", "level 1", "level 3", "level 5"}
+
+    report = (out / "report.md").read_text()
+    for section in ("## demo", "## diversity", "## calibration", "## best_of_n", "## opinions"):
+        assert section in report
+    for png in ("diversity_quality.png", "pass_at_k.png", "reliability_mmlu.png",
+                "reliability_truthfulqa.png"):
+        assert (out / png).read_bytes().startswith(PNG), png
+    samples = (out / "samples" / "diversity_run_t=1.jsonl").read_text().splitlines()
+    assert len(samples) == 2 * 4
+    # The judge's key never leaves the Authorization header.
+    for text in (proc.stdout, proc.stderr, report, (out / "results.json").read_text()):
+        assert KEY not in text
+
+
+def test_evaluate_demo_defaults(demo_run, tmp_path):
+    """No --suite on the demo run: demo, opinions and diversity; no judge endpoint is a clear skip."""
+    out = tmp_path / "eval"
+    run_script(["evaluate.py", "--checkpoint", str(demo_run), "--out", str(out), "--num-prompts", "1",
+                "--num-samples", "2", "--max-new-tokens", "4", "--limit", "2"])
+    results = json.loads((out / "results.json").read_text())
+    assert results["meta"]["suites"] == ["demo", "opinions", "diversity"]
+    assert any("LLM-judge metrics skipped: no judge endpoint configured" in n for n in results["notes"])
+    assert not any(k.startswith("judge_") for k in results["diversity"]["run t=1"])
+    assert (out / "diversity_quality.png").is_file()
+
+
+def test_completions_scoring(tmp_path):
+    """Hand-made completions with known pass@k and redundancy; no model is loaded."""
+    gsm, math = load_gsm8k(), load_math()
+    assert (gsm[0].answer, gsm[1].answer) == ("18", "3")
+    level = next(p for p in math if p.id == "test/precalculus/1303.json").level
+    records = (
+        # gsm8k-0: 2 of 4 correct, the two correct ones identical -> redundancy 1/2.
+        [{"dataset": "gsm8k", "id": "gsm8k-0", "completion": c} for c in
+         ("16 - 3 - 4 = 9 eggs, 9 * 2 = 18. #### 18", "16 - 3 - 4 = 9 eggs, 9 * 2 = 18. #### 18",
+          "She makes 17 dollars. #### 17", "The answer is 5.")]
+        # gsm8k-1 given by its text: 0 of 4.
+        + [{"dataset": "gsm8k", "problem": gsm[1].question, "completion": f"#### {k}"} for k in (1, 2, 4, 5)]
+        # A MATH-500 problem by id: 1 of 4; and a problem of our own with its answer: 4 of 4.
+        + [{"dataset": "math", "id": "test/precalculus/1303.json", "completion": c} for c in
+           ("So $\\boxed{\\sqrt{51}}$", "$\\boxed{7}$", "no box", "$\\boxed{51}$")]
+        + [{"dataset": "math", "problem": "What is 1+1?", "answer": "2", "level": 2, "completion": c}
+           for c in ("$\\boxed{2}$", "$\\boxed{2}$", "It is $\\boxed{2.0}$", "$\\boxed{\\frac{4}{2}}$")]
+    )
+    path = tmp_path / "completions.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    out = tmp_path / "eval"
+    run_script(["evaluate.py", "--completions", str(path), "--out", str(out)])
+    best = json.loads((out / "results.json").read_text())["best_of_n"]
+    gsm_all = best["gsm8k"]["all"]["completions"]
+    # pass@1 = mean(2/4, 0) ; pass@4 = mean(1, 0); k = 16 is left out (only 4 samples each).
+    assert gsm_all["pass@1"] == pytest.approx(0.25) and gsm_all["pass@4"] == pytest.approx(0.5)
+    assert "pass@16" not in gsm_all and gsm_all["redundant_solutions"] == pytest.approx(0.5)
+    # Difficulty from these samples: gsm8k-0 solved at sample 1 (easy), gsm8k-1 never (hard).
+    assert best["gsm8k"]["easy"]["completions"]["problems"] == 1
+    assert best["gsm8k"]["hard"]["completions"]["pass@4"] == 0
+    math_all = best["math"]["all"]["completions"]
+    assert math_all["pass@1"] == pytest.approx((0.25 + 1) / 2) and math_all["pass@4"] == pytest.approx(1.0)
+    # Redundancy: none for the single correct solution, 1/4 for {2, 2, 2.0, 4/2} (one repeat).
+    assert math_all["redundant_solutions"] == pytest.approx((0 + 0.25) / 2)
+    assert best["math"][f"level {level}"]["completions"]["pass@1"] == pytest.approx(0.25)
+    assert best["math"]["level 2"]["completions"]["pass@1"] == pytest.approx(1.0)
+    assert (out / "pass_at_k.png").read_bytes().startswith(PNG)
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"dataset": "gsm8k", "problem": "not shipped", "completion": "1"}) + "\n")
+    assert evaluate_main(["--completions", str(bad), "--out", str(tmp_path / "bad")]) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Primitives against brute force, on a tiny random model
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> EvalModel:
+    """A random tiny Mistral with the demo's tokenizer (trained here in a fraction of a second)."""
+    path = tmp_path_factory.mktemp("tok") / "tokenizer.model"
+    train_demo_tokenizer(path)
+    tok = Tokenizer(path)
+    torch.manual_seed(0)
+    model = Transformer(demo_model_config(tok.vocab_size)).eval()
+    return EvalModel("tiny", path.parent, model, tok, chat=False)
+
+
+def brute_force_logprob(model: Transformer, prompt: list[int], continuation: list[int]) -> float:
+    """log p(continuation | prompt) from one unbatched full forward and a vocabulary log-softmax."""
+    ids = torch.tensor([prompt + continuation])
+    with torch.no_grad():
+        logp = model(ids)[0].double().log_softmax(dim=-1)  # (T, V)
+    return sum(logp[len(prompt) - 1 + t, tok].item() for t, tok in enumerate(continuation))
+
+
+def test_option_probabilities_match_brute_force(tiny):
+    """Renormalized option-letter probabilities (App. D) equal a per-option full forward."""
+    questions = [MultipleChoice("q1", "Which season?", ["Spring", "Summer", "Autumn", "Winter"], 2),
+                 MultipleChoice("q2", "Which pet?", ["Dog", "Cat", "Fish"], 0)]
+    prompts = [Prompt.user(q.id, q.prompt()) for q in questions]
+    scores = option_probabilities(tiny, prompts, [q.letters for q in questions], batch_size=2, desc="test")
+    assert (scores.kept, scores.truncated, scores.skipped) == ([0, 1], 0, 0)
+    for q, p, got in zip(questions, prompts, scores.probs, strict=True):
+        ids = tiny.encode_prompt(p)
+        letters = [tiny.tokenizer.encode(letter) for letter in q.letters]
+        assert all(len(t) == 1 for t in letters)  # the single-token (next-token) path
+        logps = torch.tensor([brute_force_logprob(tiny.model, ids, t) for t in letters])
+        assert got == pytest.approx(logps.softmax(0).tolist(), abs=1e-6)
+    # Multi-token options take the continuation path; batch size 1 vs 3 must not matter.
+    prompt_ids = [[1, 5, 9, 12], [1, 7]]
+    options = [[[20, 21], [22], [23, 24, 25]], [[30], [31, 32]]]
+    for batch_size in (1, 3):
+        got = option_logprobs(tiny.model, prompt_ids, options, batch_size=batch_size)
+        for p, opts, row in zip(prompt_ids, options, got, strict=True):
+            assert row == pytest.approx([brute_force_logprob(tiny.model, p, o) for o in opts], abs=1e-5)
+
+
+def test_sequence_logprobs_reference_context(tiny):
+    """Summed response log-probs and counts; with adapters disabled they are the base model's."""
+    prompts, responses = [[1, 4, 5], [1, 8], [1, 3, 3, 3, 3]], [[6, 7, 2], [9], [10, 11]]
+    base = [brute_force_logprob(tiny.model, p, r) for p, r in zip(prompts, responses, strict=True)]
+    model = Transformer(tiny.model.cfg).eval()
+    model.load_state_dict(tiny.model.state_dict())
+    apply_lora(model, rank=2, alpha=4, dropout=0.0, targets=("q_proj", "down_proj"))
+    for name, p in model.named_parameters():
+        if name.endswith("lora_b"):
+            torch.nn.init.normal_(p, std=0.5)  # a real adapter: the policy differs from its base
+    policy, counts = sequence_logprobs(model, prompts, responses, batch_size=2)
+    reference, _ = sequence_logprobs(model, prompts, responses, batch_size=2,
+                                     context=lambda: disable_adapters(model))
+    assert counts == [3, 1, 2]
+    assert reference == pytest.approx(base, abs=1e-5)
+    expected = [brute_force_logprob(model, p, r) for p, r in zip(prompts, responses, strict=True)]
+    assert policy == pytest.approx(expected, abs=1e-5)
+    assert max(abs(a - b) for a, b in zip(policy, base, strict=True)) > 1e-3
+
+
+def test_reward_scores_equal_scorer(tiny):
+    """The evaluation's reward equals spl.trainer.Scorer in reward mode on the same sequences."""
+    scorer = Scorer(tiny.model, reward_head=True).eval()
+    seqs = [[1, 4, 5, 6, 2], [1, 8, 2], [1, 3, 3, 3, 3, 9, 10, 2]]
+    T = max(map(len, seqs))
+    ids = torch.tensor([s + [0] * (T - len(s)) for s in seqs])
+    with torch.no_grad():
+        expected = scorer(ids, None, None, torch.tensor([len(s) - 1 for s in seqs]))  # (3,)
+    got = reward_scores(tiny.model, scorer.score.weight.detach(), seqs, batch_size=2)
+    assert got == pytest.approx(expected.tolist(), abs=1e-5)
+
+
+def test_prompts_and_config_errors():
+    """HH prompts read as spl.data reads them; long prompts keep their end; bad flags fail clearly."""
+    text = "\n\nHuman: Hi there\n\nAssistant: Hello!\n\nHuman: Name a fruit.\n\nAssistant:"
+    record = {"chosen": text + " Apple.", "rejected": text + " Pear."}
+    assert Prompt.hh_dialogue("x", text).messages == parse_hh(record, Where("<test>", 1)).prompt
+    assert fit_prompt([1, 10, 11, 12, 13], 3, bos_id=1) == ([1, 12, 13], True)
+    assert fit_prompt([1, 10], 3, bos_id=1) == ([1, 10], False)
+    with pytest.raises(EvaluationError, match="cannot be combined"):
+        EvalConfig(global_temps=[2.0], temperatures=[1.5])
+    with pytest.raises(EvaluationError, match="unknown suite"):
+        EvalConfig(suites=["diversity", "speed"])
+    assert evaluate_main(["--checkpoint", "no/such/run", "--suite", "diversity"]) == 1
