@@ -74,7 +74,8 @@ class LoRALinear(nn.Linear):
             return y
         a, b = self.lora_a.to(x.dtype), self.lora_b.to(x.dtype)
         # Two thin matmuls through the rank-r bottleneck; never form the (out, in) product here.
-        return y + self.scale * F.linear(F.linear(self.dropout(x), a), b)  # (..., out)
+        # The scale goes on the small (out, r) B rather than on the (..., out) output: one pass less.
+        return y + F.linear(F.linear(self.dropout(x), a), b * self.scale)  # (..., out)
 
     def delta_weight(self) -> torch.Tensor:
         """``scale * B @ A`` in fp32, (out, in)."""

@@ -146,7 +146,10 @@ class Trainer:
         params = [p for p in self.scorer.parameters() if p.requires_grad]
         if not params:
             raise TrainingError("no trainable parameters: enable LoRA or unfreeze the model")
-        self.optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, betas=(0.9, 0.999))
+        # fused: one kernel over all parameters (CPU and CUDA), several times faster than foreach
+        # for full fine-tuning; the update itself is the same AdamW.
+        self.optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, betas=(0.9, 0.999),
+                                           fused=env.device.type in ("cpu", "cuda"))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
         self.batches = BatchIterator(train_data, t.micro_batch_size, seed=t.seed, rank=env.rank,
                                      world_size=env.world_size)
