@@ -253,29 +253,49 @@ def parse_preference(record: dict, where: Where) -> PreferenceText:
     return PreferenceText(prompt, prompt_text, chosen, rejected)
 
 
+def split_hh(chosen: str, rejected: str) -> tuple[str, str, str] | None:
+    """(prompt text, chosen response, rejected response) of two raw HH-RLHF dialogues, cut after the
+    last "\n\nAssistant:" inside their common prefix (not chosen's last marker: a response may
+    itself contain one); None when the prefix holds no marker."""
+    # rfind's end bound keeps only markers lying wholly inside the shared prefix.
+    common = len(os.path.commonprefix([chosen, rejected]))
+    cut = chosen.rfind(HH_MARKER, 0, common)
+    if cut < 0:
+        return None
+    cut += len(HH_MARKER)
+    return chosen[:cut], chosen[cut:], rejected[cut:]
+
+
+def hh_messages(prompt_text: str) -> list[Message] | None:
+    """An HH-RLHF prompt ("\n\nHuman: ...\n\nAssistant:") as chat messages; None when it does not
+    start with "\n\nHuman:".
+
+    Empty turns are dropped: the final "Assistant:" is the generation slot, and a few dialogues
+    (idx 120) hold an empty assistant turn, which the chat template refuses. The user turns around
+    one then merge with "\n\n", as the template merges consecutive messages of one role.
+    """
+    parts = HH_TURN.split(prompt_text)  # [text before the first marker, role, content, role, content, ...]
+    if parts[0].strip():
+        return None
+    return [{"role": HH_ROLES[role], "content": content.strip()}
+            for role, content in zip(parts[1::2], parts[2::2], strict=True) if content.strip()]
+
+
 def parse_hh(record: dict, where: Where) -> PreferenceText:
     chosen, rejected = _field(record, "chosen", where), _field(record, "rejected", where)
     for name, value in (("chosen", chosen), ("rejected", rejected)):
         if not isinstance(value, str):
             raise DataError(where, name, f"expected an HH-RLHF dialogue string, got {type(value).__name__}")
-    # rfind's end bound keeps only markers lying wholly inside the shared prefix.
-    common = len(os.path.commonprefix([chosen, rejected]))
-    cut = chosen.rfind(HH_MARKER, 0, common)
-    if cut < 0:
+    split = split_hh(chosen, rejected)
+    if split is None:
         raise DataError(where, "chosen", f"no {HH_MARKER!r} inside the common prefix of chosen and rejected")
-    cut += len(HH_MARKER)
-    prompt_text = chosen[:cut]
-    parts = HH_TURN.split(prompt_text)  # [text before the first marker, role, content, role, content, ...]
-    if parts[0].strip():
+    prompt_text, chosen_response, rejected_response = split
+    messages = hh_messages(prompt_text)
+    if messages is None:
         raise DataError(where, "chosen", "an HH-RLHF dialogue must start with '\\n\\nHuman:'")
-    # Empty turns are dropped: the final "Assistant:" is the generation slot, and a few dialogues
-    # (idx 120) hold an empty assistant turn, which the chat template refuses. The user turns around
-    # one then merge with "\n\n", as the template merges consecutive messages of one role.
-    messages = [{"role": HH_ROLES[role], "content": content.strip()}
-                for role, content in zip(parts[1::2], parts[2::2], strict=True) if content.strip()]
     prompt, _ = _prompt(messages, where, "chosen")
     # Responses start with the space after "Assistant:"; SentencePiece's dummy prefix stands for it.
-    return PreferenceText(prompt, prompt_text, chosen[cut:].strip(), rejected[cut:].strip())
+    return PreferenceText(prompt, prompt_text, chosen_response.strip(), rejected_response.strip())
 
 
 def parse_sft(record: dict, where: Where) -> SFTText:

@@ -24,15 +24,16 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
+
+from spl.checkpoint import atomic_save_file, atomic_write_text
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
@@ -189,18 +190,6 @@ def _peft_name(module_name: str) -> str:
     return PEFT_PREFIX + hf
 
 
-def _atomic_write(path: Path, write) -> None:
-    # A temp file in the same directory, then os.replace: readers never see a half-written file.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_adapter(model: nn.Module, out_dir: str | os.PathLike,
                  base_model_name_or_path: str | None = None) -> None:
     """Write ``adapter_config.json`` and ``adapter_model.safetensors`` in PEFT's format.
@@ -232,8 +221,9 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike,
         tensors[_peft_name(name) + ".lora_B.weight"] = m.lora_b.detach().contiguous().cpu()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / WEIGHTS_FILE, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-    _atomic_write(out / CONFIG_FILE, lambda p: Path(p).write_text(json.dumps(config, indent=2) + "\n"))
+    # Each file goes to a temp name and is renamed: readers never see a half-written adapter file.
+    atomic_save_file(tensors, out / WEIGHTS_FILE)
+    atomic_write_text(out / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
 
 
 def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> list[str]:

@@ -24,7 +24,7 @@ Public API (messages are [{"role": "user" | "assistant" | "system", "content": s
       .encode_prompt_response(messages)      conversation ending in an assistant turn →
                                              (prompt_ids, response_ids), response ending with eos;
                                              prompt_ids + response_ids == encode_chat(messages)
-    check_vocab(tokenizer, model_vocab_size) raise if the tokenizer does not fit the model
+(Whether a tokenizer fits a model is checked by spl.checkpoint.check_tokenizer_vocab.)
 
 There is no `add_generation_prompt`: in this format a conversation ending in a user turn already ends
 with "[/INST]", which is exactly where the model starts its answer.
@@ -143,15 +143,3 @@ def _merge_turns(messages: list[Message]) -> tuple[str, list[tuple[str, str]]]:
         if role == "assistant" and not content:
             raise ValueError("assistant messages must have non-empty content")
     return system, turns
-
-
-def check_vocab(tokenizer: Tokenizer, model_vocab_size: int) -> None:
-    """Raise if the tokenizer's ids do not index the model's embedding table one to one.
-
-    Equality, not <=: a mismatch almost always means the wrong tokenizer file for the checkpoint.
-    """
-    if tokenizer.vocab_size != model_vocab_size:
-        raise ValueError(
-            f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} tokens but the model's vocab_size is "
-            f"{model_vocab_size}: use the tokenizer that ships with the checkpoint"
-        )

@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
-from spl.checkpoint import atomic_write_text, load_model, save_model
+from spl.checkpoint import atomic_save_file, atomic_write_text, load_model, save_model
 from spl.config import Config
 from spl.data import BatchIterator
 from spl.logprobs import sequence_logps
@@ -248,9 +248,7 @@ class Trainer:
             dist.all_reduce(cache)
         self.ref_cache = cache.float()
         if path and self.env.is_main:
-            tmp = f"{path}.tmp{os.getpid()}"
-            save_file({"ref_logps": self.ref_cache}, tmp, metadata={"key": key})
-            os.replace(tmp, path)
+            atomic_save_file({"ref_logps": self.ref_cache}, path, metadata={"key": key})
             print0(self.env, f"reference log-probs: wrote {n} pairs to {path}")
 
     # ------------------------------------------------------------------ the loop

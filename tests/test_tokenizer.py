@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from spl.tokenizer import Tokenizer, check_vocab
+from spl.checkpoint import check_tokenizer_vocab
+from spl.tokenizer import Tokenizer
 
 try:
     from mistral_common.protocol.instruct.request import ChatCompletionRequest
@@ -155,6 +156,6 @@ def test_non_model_file_names_path(tmp_path: Path) -> None:
 
 
 def test_check_vocab(tok: Tokenizer) -> None:
-    check_vocab(tok, 32000)
+    check_tokenizer_vocab(tok.path, 32000)
     with pytest.raises(ValueError, match=r"tokenizer\.model\.v1.*32000.*32768"):
-        check_vocab(tok, 32768)
+        check_tokenizer_vocab(tok.path, 32768)

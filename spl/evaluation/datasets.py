@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from spl.data import split_hh
 from spl.evaluation.math_answers import gsm8k_gold_answer
 
 # The repository's data folder (spl/evaluation/datasets.py -> repo root / data).
@@ -234,7 +235,6 @@ def load_truthfulqa_mc1(path: str | Path | None = None, shuffle_seed: int = 0) -
 # ---------------------------------------------------------------------------------------------
 # HH-RLHF prompts (diversity)
 # ---------------------------------------------------------------------------------------------
-_ASSISTANT = "\n\nAssistant:"
 
 
 @dataclass
@@ -248,23 +248,12 @@ class Dialogue:
 
 
 def split_hh_dialogue(chosen: str, rejected: str) -> tuple[str, str, str]:
-    """Split full HH-RLHF dialogues into (prompt, chosen response, rejected response).
-
-    The prompt ends at the last "\\n\\nAssistant:" inside the common prefix of the two
-    dialogues. Splitting at the last marker of ``chosen`` alone fails when a response itself
-    contains the marker (record 567 of the shipped subset).
-    """
-    common = 0
-    for a, b in zip(chosen, rejected, strict=False):
-        if a != b:
-            break
-        common += 1
-    # When chosen == rejected the whole text is common; its last marker is still the split.
-    cut = chosen.rfind(_ASSISTANT, 0, common)
-    if cut < 0:
+    """Split full HH-RLHF dialogues into (prompt, chosen response, rejected response), as training
+    does (``spl.data.split_hh``: the last "\n\nAssistant:" inside the common prefix)."""
+    split = split_hh(chosen, rejected)
+    if split is None:
         raise ValueError("no '\\n\\nAssistant:' marker in the common prefix of chosen and rejected")
-    end = cut + len(_ASSISTANT)
-    return chosen[:end], chosen[end:], rejected[end:]
+    return split
 
 
 def load_hh_rlhf(path: str | Path | None = None) -> list[Dialogue]:

@@ -33,7 +33,7 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from spl.data import HH_ROLES, HH_TURN
+from spl.data import hh_messages
 from spl.evaluation.embeddings import mean_pool
 from spl.logprobs import sequence_logps
 from spl.sampling import generate, sample_global_temperature
@@ -69,9 +69,7 @@ class Prompt:
         The same reading as ``spl.data.parse_hh``: turns start at "\\n\\n"-led markers, empty
         turns (the final "Assistant:" slot among them) are dropped.
         """
-        parts = HH_TURN.split(text)  # [text before the first marker, role, content, role, ...]
-        messages = [{"role": HH_ROLES[role], "content": content.strip()}
-                    for role, content in zip(parts[1::2], parts[2::2], strict=True) if content.strip()]
+        messages = hh_messages(text)
         if not messages or messages[0]["role"] != "user":
             raise EvaluationError(f"{id}: an HH-RLHF prompt must start with '\\n\\nHuman:'")
         return cls(id, text, messages)
