@@ -31,6 +31,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"train.py: config error: {e}", file=sys.stderr)
         return 2
     env = init_distributed()
+    if env.is_main:
+        print("resolved config:\n" + cfg.to_yaml())
     try:
         if cfg.data.train_path is None:
             from spl.demo import run_demo

@@ -84,8 +84,8 @@ PRESETS: dict[str, dict] = {
 
 @dataclass
 class ModelSection:
-    """Which weights to start from. ``checkpoint`` (an HF or original-layout directory, or one of our
-    run directories) wins; without it a ``preset`` shape is built with random weights (tests, demo)."""
+    """Which weights to start from: ``checkpoint``, an HF- or original-layout directory. The embedded
+    demo (no checkpoint, no data) builds the ``preset`` shape with random weights instead."""
 
     checkpoint: str | None = None
     tokenizer: str | None = None  # default: tokenizer.model inside the checkpoint directory

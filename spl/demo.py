@@ -147,10 +147,11 @@ def report(ref_dists, trained_dists, alpha: float, beta: float) -> tuple[str, li
     return "\n".join(lines), rows
 
 
-def demo_model_config(vocab_size: int) -> ModelConfig:
+def demo_model_config(vocab_size: int, preset: str = "tiny") -> ModelConfig:
+    """The demo model: a preset's shape (``model.preset``) over the demo tokenizer's vocabulary."""
     from dataclasses import replace
 
-    return replace(ModelConfig.preset("tiny"), vocab_size=vocab_size, max_seq_len=256)
+    return replace(ModelConfig.preset(preset), vocab_size=vocab_size, max_seq_len=256)
 
 
 def run_demo(cfg: Config, env) -> dict:
@@ -175,7 +176,7 @@ def run_demo(cfg: Config, env) -> dict:
         train_demo_tokenizer(fresh)
         tok = Tokenizer(fresh)
         torch.manual_seed(cfg.train.seed)
-        model = Transformer(demo_model_config(tok.vocab_size)).to(env.device)
+        model = Transformer(demo_model_config(tok.vocab_size, cfg.model.preset)).to(env.device)
         sft_cfg = replace(cfg, lora=replace(cfg.lora, enabled=False),
                           train=replace(cfg.train, mode="sft", lr=3e-3, max_steps=200, warmup_steps=10,
                                         out_dir=str(out / "reference_run"), resume=False, ref_cache=None,

@@ -526,7 +526,6 @@ def run(cfg: Config, env: DistEnv) -> dict:
             print0(env, f"{name} data: {d.stats}")
     if len(train_data) == 0:
         raise TrainingError(f"{cfg.data.train_path}: no usable records (stats: {train_data.stats})")
-    print0(env, cfg.to_yaml())
     trainer = Trainer(cfg, env, model, train_data, eval_data, tokenizer_path=str(tok_path),
                       base_path=str(Path(m.checkpoint).resolve()))
     return trainer.train()
