@@ -282,7 +282,7 @@ class Trainer:
                 loss_sum += loss.detach() / self.accum
                 for k, v in metrics.items():
                     sums[k] = sums.get(k, 0) + v / self.accum
-                seen += int(batch["loss_mask"].sum())
+                seen = seen + batch["loss_mask"].sum()  # stays on device: read only when logging
             stats = torch.stack([loss_sum, *sums.values()])
             if env.world_size > 1:
                 dist.all_reduce(stats)
@@ -302,7 +302,7 @@ class Trainer:
                     **{k: v.item() for k, v in zip(sums, stats[1:], strict=True)},
                     "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm}
             if self.step % t.log_every == 0 or self.step == t.max_steps:
-                last["tokens_per_s"] = seen * env.world_size / (time.perf_counter() - tic)
+                last["tokens_per_s"] = float(seen) * env.world_size / (time.perf_counter() - tic)
                 tic, seen = time.perf_counter(), 0
                 shown = ("loss", "rewards/accuracies", "rewards/margins")
                 bar.set_postfix({k: f"{v:.4g}" for k, v in last.items() if k in shown})

@@ -98,3 +98,31 @@ def assert_bitwise_equal(a: dict, b: dict) -> None:
     for key in a:
         if a[key] is not None:
             assert torch.equal(a[key], b[key]), key
+
+
+def assert_spl_composes(impl: str, device: str = "cpu") -> None:
+    """SPL (alpha 1.5, beta 0.1) on top of ``impl``'s (B,) log-probs: loss and dL/dh match float64.
+
+    -logsigmoid is 1-Lipschitz in the margin alpha * dlogpi - beta * dlogref, and dL/dh is
+    alpha * sigmoid(-margin) / B times dlogpi/dh: the fp32 table scaled by alpha + beta.
+    """
+    from spl.logprobs import sequence_logps
+    from spl.losses import spl_loss
+
+    batch = make_batch(4, 9, 16, 77, torch.float32, device)
+    batch.loss_mask[:, 2:] = True
+    targets = batch.targets.clamp(min=0)
+
+    def loss_grad(impl: str, dtype: torch.dtype):
+        hidden = batch.hidden.detach().to(dtype).requires_grad_(True)
+        weight = batch.weight.to(dtype)
+        logps = sequence_logps(hidden, weight, targets, batch.loss_mask, impl=impl)
+        with torch.no_grad():
+            ref = sequence_logps(hidden, weight + 0.01, targets, batch.loss_mask, impl=impl)
+        losses, _ = spl_loss(*logps.chunk(2), *ref.chunk(2), alpha=1.5, beta=0.1)
+        losses.mean().backward()
+        return losses.double(), hidden.grad.double()
+
+    (loss, grad), (loss64, grad64) = loss_grad(impl, torch.float32), loss_grad("plain", torch.float64)
+    torch.testing.assert_close(loss, loss64, rtol=0, atol=2 * (1.5 + 0.1) * FP32_TOL["sequence_logps"])
+    torch.testing.assert_close(grad, grad64, rtol=0, atol=(1.5 + 0.1) * FP32_TOL["grad_hidden"])

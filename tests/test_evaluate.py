@@ -3,8 +3,6 @@ model-driven primitives (spl/evaluation/scoring.py) against brute-force computat
 
 import json
 import shutil
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -31,42 +29,11 @@ from spl.model import Transformer
 from spl.tokenizer import Tokenizer
 from spl.trainer import Scorer
 from tests.conftest import run_script
+from tests.test_eval_judge import StubServer
 
 KEY_ENV = "SPL_TEST_EVAL_JUDGE_KEY"
 KEY = "sk-evaluate-test-not-a-real-key"
 PNG = b"\x89PNG\r\n\x1a\n"
-
-
-class JudgeStub:
-    """A chat-completions server on 127.0.0.1 that rates every pool 3 and records the requests."""
-
-    def __init__(self):
-        self.requests: list[dict] = []
-        stub = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):  # noqa: N802 (http.server's naming)
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                auth = self.headers.get("Authorization")
-                stub.requests.append({"path": self.path, "auth": auth, "body": body})
-                data = json.dumps({"choices": [{"message": {"content": "Rating: 3\nSimilar."}}]}).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.02,), daemon=True)
-        self.thread.start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
 
 
 def make_reward_run(reference: Path, out: Path) -> Path:
@@ -83,7 +50,7 @@ def test_evaluate_demo_end_to_end(demo_run, tmp_path, monkeypatch):
     """Every suite on the demo run, two temperatures, a reward model and a stub LLM judge."""
     reward = make_reward_run(demo_run / "reference", tmp_path / "reward")
     out = tmp_path / "eval"
-    stub = JudgeStub()
+    stub = StubServer()  # rates every pool 3 and records the requests
     monkeypatch.setenv(KEY_ENV, KEY)
     try:
         proc = run_script(["evaluate.py", "--checkpoint", str(demo_run), "--out", str(out),
@@ -123,7 +90,8 @@ def test_evaluate_demo_end_to_end(demo_run, tmp_path, monkeypatch):
         assert row["judge_content_diversity"] == 3 and row["judge_logical_disagreement"] == 2
     # 2 prompts x 2 temperatures x (3 metrics x 1 pool of 4 + 2 pools of 2 for logical agreement).
     assert len(stub.requests) == 20
-    assert all(r["auth"] == f"Bearer {KEY}" and r["body"]["model"] == "stub-judge" for r in stub.requests)
+    assert all(r["headers"]["Authorization"] == f"Bearer {KEY}" and r["body"]["model"] == "stub-judge"
+               for r in stub.requests)
 
     for dataset in ("mmlu", "truthfulqa"):
         cal = results["calibration"][dataset]["run"]

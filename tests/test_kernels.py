@@ -22,12 +22,11 @@ import kernels.fused_logprobs as fl  # noqa: E402  (after the interpreter switch
 from kernels.fused_logprobs import fused_sequence_logps, fused_token_logps  # noqa: E402
 from kernels.heuristics import KernelConfig, Tiles, kernel_config  # noqa: E402
 from spl.logprobs import sequence_logps, token_logps  # noqa: E402
-from spl.losses import spl_loss  # noqa: E402
 from tests.logprob_cases import (  # noqa: E402
-    FP32_TOL,
     SHAPES,
     assert_bitwise_equal,
     assert_matches_reference,
+    assert_spl_composes,
     make_batch,
     run,
 )
@@ -138,25 +137,7 @@ def test_fused_sequence_logps_equals_the_library_path():
 
 def test_spl_loss_composes_on_the_kernel():
     """SPL on top of the fused log-probs: loss and dL/dh match float64."""
-    batch = make_batch(4, 9, 16, 77, torch.float32, DEVICE)
-    batch.loss_mask[:, 2:] = True
-    targets = batch.targets.clamp(min=0)
-
-    def loss_grad(impl: str, dtype: torch.dtype):
-        hidden = batch.hidden.detach().to(dtype).requires_grad_(True)
-        weight = batch.weight.to(dtype)
-        logps = sequence_logps(hidden, weight, targets, batch.loss_mask, impl=impl)
-        with torch.no_grad():
-            ref = sequence_logps(hidden, weight + 0.01, targets, batch.loss_mask, impl=impl)
-        losses, _ = spl_loss(*logps.chunk(2), *ref.chunk(2), alpha=1.5, beta=0.1)
-        losses.mean().backward()
-        return losses.double(), hidden.grad.double()
-
-    (loss, grad), (loss64, grad64) = loss_grad("triton", torch.float32), loss_grad("plain", torch.float64)
-    # -logsigmoid is 1-Lipschitz in the margin alpha * dlogpi - beta * dlogref, and dL/dh is
-    # alpha * sigmoid(-margin) / B times dlogpi/dh: the fp32 table scaled by alpha + beta.
-    torch.testing.assert_close(loss, loss64, rtol=0, atol=2 * (1.5 + 0.1) * FP32_TOL["sequence_logps"])
-    torch.testing.assert_close(grad, grad64, rtol=0, atol=(1.5 + 0.1) * FP32_TOL["grad_hidden"])
+    assert_spl_composes("triton", DEVICE)
 
 
 def test_empty_and_invalid_inputs():

@@ -17,12 +17,11 @@ from spl.logprobs import (
     sequence_logps,
     token_logps,
 )
-from spl.losses import spl_loss
 from tests.logprob_cases import (
-    FP32_TOL,
     SHAPES,
     assert_bitwise_equal,
     assert_matches_reference,
+    assert_spl_composes,
     make_batch,
     run,
 )
@@ -151,27 +150,7 @@ def test_frozen_weight_backward_recomputes_nothing():
 
 def test_spl_loss_through_chunked_path():
     """The loss composes on (B,) log-probs; its gradient reaches hidden states exactly."""
-    batch = make_batch(4, 9, 16, 77, torch.float32)
-    batch.loss_mask[:, 2:] = True
-
-    def loss_grad(impl: str, dtype: torch.dtype):
-        hidden = batch.hidden.detach().to(dtype).requires_grad_(True)
-        weight = batch.weight.to(dtype)
-        targets = batch.targets.clamp(min=0)
-        logps = sequence_logps(hidden, weight, targets, batch.loss_mask, impl=impl)
-        with torch.no_grad():
-            ref = sequence_logps(hidden, weight + 0.01, targets, batch.loss_mask, impl=impl)
-        chosen, rejected = logps.chunk(2)
-        ref_chosen, ref_rejected = ref.chunk(2)
-        losses, _ = spl_loss(chosen, rejected, ref_chosen, ref_rejected, alpha=1.5, beta=0.1)
-        losses.mean().backward()
-        return losses.double(), hidden.grad.double()
-
-    (loss, grad), (loss64, grad64) = loss_grad("chunked", torch.float32), loss_grad("plain", torch.float64)
-    # -logsigmoid is 1-Lipschitz in the margin alpha * dlogpi - beta * dlogref, and dL/dh is
-    # alpha * sigmoid(-margin) / B times dlogpi/dh: the fp32 table scaled by alpha + beta.
-    torch.testing.assert_close(loss, loss64, rtol=0, atol=2 * (1.5 + 0.1) * FP32_TOL["sequence_logps"])
-    torch.testing.assert_close(grad, grad64, rtol=0, atol=(1.5 + 0.1) * FP32_TOL["grad_hidden"])
+    assert_spl_composes("chunked")
 
 
 def test_autocast_computes_in_bf16_and_keeps_fp32_gradients():
