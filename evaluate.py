@@ -97,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--judge-key-env", default="OPENAI_API_KEY",
                    help="environment variable holding the judge's API key (never printed)")
     g.add_argument("--population", default="United States", help="GlobalOpinionQA population")
+    g.add_argument("--opinions-file", metavar="FILE.jsonl", help="opinion questions in GlobalOpinionQA's "
+                   "format (default: the shipped US file; experiments/opinions.py writes its own)")
     g.add_argument("--ece-bins", type=int, default=10, help="equal-width confidence bins for ECE (10)")
     return p
 
@@ -124,8 +126,8 @@ def main(argv: list[str] | None = None) -> int:
             reference=args.reference, judge_url=args.judge_url, judge_model=args.judge_model,
             judge_key_env=args.judge_key_env, completions=args.completions,
             datasets=_words(args.datasets) or ["gsm8k", "math", "mmlu", "truthfulqa"],
-            population=args.population, ece_bins=args.ece_bins, batch_size=args.batch_size,
-            device=args.device, dtype=args.dtype)
+            population=args.population, opinions_file=args.opinions_file, ece_bins=args.ece_bins,
+            batch_size=args.batch_size, device=args.device, dtype=args.dtype)
         run_evaluation(cfg)
     except (EvaluationError, TrainingError, CheckpointError, DataError, DataFormatError, JudgeError,
             FileNotFoundError) as e:

@@ -100,8 +100,9 @@ def main(argv: list[str] | None = None) -> int:
         from spl.lora import merge
         merge(model)  # fold the adapters in once: decoding then costs what the base model costs
     prompts = read_prompts(args)
+    questions = None  # an opinion run's survey questions, when its own are asked (answer tallies)
     if not prompts:
-        prompts = default_prompts(loaded.source)
+        prompts, questions = default_prompts(loaded.source)
     ids = []
     for p in prompts:
         if args.chat or isinstance(p, list):
@@ -151,6 +152,11 @@ def main(argv: list[str] | None = None) -> int:
                     if ess is not None:
                         header += f" ess={ess[p_idx]:.1f}"
                     print(f"{header}\n{_show(prompts[start + p_idx])}{text}\n")
+            if questions and args.global_temp is not None and args.num_samples > 1:
+                from spl.demo import answer_tally  # the samples counted beside the exact pi^(1/T)
+                for p_idx in range(len(batch)):
+                    rows = [t for i, t in enumerate(res.tokens) if int(res.prompt_index[i]) == p_idx]
+                    print(answer_tally(model, tok, questions[start + p_idx], rows, args.global_temp) + "\n")
     finally:
         if out_file:
             out_file.close()
@@ -180,11 +186,13 @@ def _streamer(tok, prompt):
     return on_token
 
 
-def default_prompts(source: Path) -> list[str]:
-    """The demo's questions when sampling the demo checkpoint; else ask for a prompt."""
-    if (source / "trainer_state.json").is_file() and (source.parent.parent / "demo_results.json").is_file():
-        from spl.demo import QUESTIONS, format_prompt
-        return [format_prompt(q, opts) for q, opts, _ in QUESTIONS]
+def default_prompts(source: Path) -> tuple[list[str], list]:
+    """An opinion run's own survey questions (the demo's), with the questions; else ask for a prompt."""
+    from spl.demo import run_questions
+
+    questions = run_questions(source)
+    if questions:
+        return [q.prompt() for q in questions], questions
     raise SystemExit("sample.py: give --prompt or --prompts-file")
 
 

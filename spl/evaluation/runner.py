@@ -87,6 +87,7 @@ class EvalConfig:
     completions: str | None = None
     datasets: list[str] = field(default_factory=lambda: list(DATASETS))
     population: str = "United States"
+    opinions_file: str | None = None  # GlobalOpinionQA-format questions (default: the shipped US file)
     ece_bins: int = 10
     batch_size: int = 32  # rows per forward or per sampling call
     device: str = "auto"
@@ -254,7 +255,7 @@ def run_evaluation(cfg: EvalConfig) -> dict:
             results["details"].setdefault("demo", {})[name] = result["details"]
 
         if "opinions" in chosen:
-            questions = suites.subset(load_global_opinions(), sizes["limit"], cfg.seed)
+            questions = suites.subset(load_global_opinions(cfg.opinions_file), sizes["limit"], cfg.seed)
             result = suites.opinions_suite(em, questions, population=cfg.population,
                                            batch_size=cfg.batch_size)
             results.setdefault("opinions", {})[name] = result["summary"]
