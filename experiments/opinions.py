@@ -48,6 +48,7 @@ import torch  # noqa: E402
 
 from spl.config import Config, DataConfig, LoRAConfig, ModelConfig, TrainConfig  # noqa: E402
 from spl.demo import (  # noqa: E402
+    COMPARISONS,
     QUESTIONS_FILE,
     answer_distributions,
     erased_groups,
@@ -142,11 +143,12 @@ def measure(questions, ref, trained, alpha: float) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
-def run_config(out: Path, alpha: float, steps: int, lr: float) -> Config:
+def run_config(out: Path, alpha: float, steps: int, lr: float, batch: int) -> Config:
     """Full fine-tuning from the reference; the reference log-probs cached once for every alpha."""
     return Config(lora=LoRAConfig(enabled=False), data=DataConfig(chat_template=False),
                   train=TrainConfig(mode="spl", alpha=alpha, beta=BETA, lr=lr, warmup_steps=20,
-                                    max_steps=steps, batch_size=64, micro_batch_size=64, min_lr_ratio=0.01,
+                                    max_steps=steps, batch_size=batch, micro_batch_size=batch,
+                                    min_lr_ratio=0.01,
                                     out_dir=str(out / f"alpha_{alpha:g}"), save_every=steps, eval_every=10**9,
                                     log_every=50, keep_checkpoints=1,
                                     ref_cache=str(out / "reference_logps.safetensors")))
@@ -173,14 +175,14 @@ def sweep(args) -> tuple[dict, list[SurveyQuestion], list[torch.Tensor]]:
     if not (ref_dir / "config.json").is_file():
         base = Config(lora=LoRAConfig(enabled=False), data=DataConfig(chat_template=False))
         fit_reference(base, env, questions, ref_dir, model_config, steps=args.reference_steps, copies=4,
-                      vocab_size=2000)
+                      vocab_size=500, whole="prompt", batch_size=args.batch, lr=args.lr)
     tok = Tokenizer(ref_dir / "tokenizer.model")
     reference, _ = load_model(ref_dir)
     ref = answer_distributions(reference, tok, questions)
     uniform_tv = [total_variation(r, torch.full_like(r, 1 / len(r))) for r in ref]
     print(f"reference: total variation to uniform {sum(uniform_tv) / len(uniform_tv):.4f} mean, "
           f"{max(uniform_tv):.4f} worst")
-    pairs = preference_pairs(questions, tok, 100, seed=1)
+    pairs = preference_pairs(questions, tok, COMPARISONS, seed=1)
     timings["reference_s"] = time.perf_counter() - tic
     results = {"questions": [q.id for q in questions], "pooled": [q.pooled for q in questions],
                "reference_tv_to_uniform": uniform_tv, "pairs": len(pairs), "alphas": {}}
@@ -188,7 +190,7 @@ def sweep(args) -> tuple[dict, list[SurveyQuestion], list[torch.Tensor]]:
         tic = time.perf_counter()
         model, _ = load_model(ref_dir)
         torch.manual_seed(0)
-        cfg = run_config(out, alpha, args.steps, args.lr)
+        cfg = run_config(out, alpha, args.steps, args.lr, args.batch)
         kind = "DPO" if alpha == BETA else "SPL"
         print(f"\n{kind} alpha={alpha:g} beta={BETA:g}: {args.steps} steps on {len(pairs)} pairs")
         trainer = Trainer(cfg, env, model, pairs, tokenizer_path=str(ref_dir / "tokenizer.model"),
@@ -393,6 +395,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="comma list (default 0.1,0.25,0.5,1,2; 0.1 = beta is DPO)")
     p.add_argument("--steps", type=int, default=1000, help="SPL steps per alpha (default 1000)")
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate of the SPL stage (3e-3)")
+    p.add_argument("--batch", type=int, default=1024, help="pairs (and SFT answers) per step (1024)")
     p.add_argument("--reference-steps", type=int, default=400, help="SFT steps of the reference (400)")
     p.add_argument("--us", type=int, help="first N US questions only (default: all 181)")
     p.add_argument("--pooled", type=int, help="first N pooled questions only (default: all)")

@@ -45,14 +45,18 @@ from spl.survey import (
     load_questions,
 )
 
-# The demo's questions: (id in the US file) or (id in the all-countries file, countries pooled).
-US_QUESTIONS = ["goqa-10282", "goqa-19182", "goqa-21777", "goqa-11553"]
+# The demo's questions, all with three options (A-C): no letter is an answer to one question and not
+# to another, so none leaks in from elsewhere. (id in the US file) or (id, countries pooled).
+US_QUESTIONS = ["goqa-2265", "goqa-11553", "goqa-20172", "goqa-8935"]
 POOLED_QUESTIONS = [("goqa-0", ("Belgium", "Greece", "Spain")),  # Germany's influence in the EU
-                    ("goqa-199", ("Britain", "Egypt", "Indonesia"))]  # is drinking alcohol moral?
-COMPARISONS = 100  # comparisons per pair of options (the rounding of p_i / (p_i + p_j) costs <= 0.005)
+                    ("goqa-6002", ("Kuwait", "Lebanon", "Tunisia"))]  # who chooses a woman's husband
+COMPARISONS = 400  # per pair of options (the rounding of p_i / (p_i + p_j) moves it <= 0.00125)
 REFERENCE_COPIES = 16  # SFT answers per option per question: every option equally often
-REFERENCE_STEPS = 200  # SFT steps fitting the uniform reference
+REFERENCE_STEPS = 400  # SFT steps fitting the uniform reference
+REFERENCE_LR = 1e-2  # its peak learning rate: the format (letter, then </s>) must hold firmly
 TOKENIZER_VOCAB = 400  # BPE pieces of the demo tokenizer, fitted to the demo's own text
+TOKENIZER_UNIT = "question"
+NON_ANSWER_COMPARISONS = 1  # comparisons of each option with each token that is not an option
 QUESTIONS_FILE = "questions.jsonl"  # beside a run's checkpoints: what it trained on
 
 
@@ -73,7 +77,8 @@ def answer_text(letter: str) -> str:
     return f" {letter}"
 
 
-def train_tokenizer(path: Path, questions: list[SurveyQuestion], vocab_size: int) -> None:
+def train_tokenizer(path: Path, questions: list[SurveyQuestion], vocab_size: int,
+                    whole: str = "question") -> None:
     """A BPE SentencePiece model of the questions' text with Mistral's special ids (unk 0, bos 1,
     eos 2, no pad), so nothing is downloaded.
 
@@ -97,7 +102,8 @@ def train_tokenizer(path: Path, questions: list[SurveyQuestion], vocab_size: int
     plain = io.BytesIO()
     spm.SentencePieceTrainer.train(**common, model_writer=plain, vocab_size=vocab_size)
     sp = spm.SentencePieceProcessor(model_proto=plain.getvalue())
-    symbols = sorted({"".join(sp.encode(q.text, out_type=str)) for q in questions})
+    units = [q.text if whole == "question" else q.prompt() for q in questions]
+    symbols = sorted({"".join(sp.encode(u, out_type=str)) for u in units})
     buf = io.BytesIO()
     common["sentence_iterator"] = iter(lines)
     spm.SentencePieceTrainer.train(**common, model_writer=buf, vocab_size=vocab_size + len(symbols),
@@ -118,21 +124,34 @@ def reference_records(questions: list[SurveyQuestion], copies: int, seed: int) -
     return [records[k] for k in perm]
 
 
-def preference_pairs(questions: list[SurveyQuestion], tok, comparisons: int, seed: int):
+def preference_pairs(questions: list[SurveyQuestion], tok, comparisons: int, seed: int, *,
+                     non_answer_comparisons: int | None = None):
     """The population's pairwise preferences as a ``PreferenceDataset`` of one-token answers.
 
     Each pair of options (i, j) of a question is compared ``comparisons`` times; round(comparisons
     * p_i / (p_i + p_j)) of them prefer i (Bradley-Terry with reward log p). Options that both have
-    share 0 are not compared. Pairs are built from token ids directly: the answers are one letter
-    each, without the "</s>" that ``PreferenceDataset.from_records`` would append (module
-    docstring), and each question's prompt ids are one shared list, so 10^5 pairs stay small.
+    share 0 are not compared.
+
+    Non-answers: every option also beats every other token of the vocabulary ("</s>", an empty
+    answer, among them), ``non_answer_comparisons`` times each. Nobody answers with those
+    (p_best = 0), so by Prop. A.1 the optimum gives them 0 and leaves the options' proportions as
+    they were. Without them the loss sees nothing but the options, and it can widen a margin by
+    pushing both answers down: probability leaks out of the answers (all of it, under DPO at a
+    high learning rate, on the demo), where a sampler then finds it.
+
+    Pairs are built from token ids directly: the answers are one letter each, without the "</s>"
+    that ``PreferenceDataset.from_records`` would append (module docstring), and ids are shared
+    lists, so 10^5-10^6 pairs stay small.
     """
     from spl.data import PreferenceDataset, PreferencePair
 
+    if non_answer_comparisons is None:
+        non_answer_comparisons = NON_ANSWER_COMPARISONS
     pairs = []
+    single = [[t] for t in range(tok.vocab_size)]  # one shared list per one-token response
     for q in questions:
         prompt = tok.encode(q.prompt(), bos=True)
-        answers = [tok.encode(answer_text(letter)) for letter in q.letters()]
+        answers = [single[tok.encode(answer_text(letter))[0]] for letter in q.letters()]
         p = q.population
         for i in range(len(p)):
             for j in range(i + 1, len(p)):
@@ -141,6 +160,11 @@ def preference_pairs(questions: list[SurveyQuestion], tok, comparisons: int, see
                 wins = round(comparisons * p[i] / (p[i] + p[j]))
                 pairs += [PreferencePair(prompt, answers[i], answers[j])] * wins
                 pairs += [PreferencePair(prompt, answers[j], answers[i])] * (comparisons - wins)
+        skip = {a[0] for a in answers} | {tok.bos_id, 0}  # bos and unk never follow a prompt
+        for answer in answers:
+            for t in range(tok.vocab_size):
+                if t not in skip:
+                    pairs += [PreferencePair(prompt, answer, single[t])] * non_answer_comparisons
     perm = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed)).tolist()
     stats = {"read": len(pairs), "kept": len(pairs)}
     return PreferenceDataset([pairs[k] for k in perm], stats, tok.pad_id)
@@ -331,7 +355,8 @@ def demo_model_config(vocab_size: int, preset: str = "tiny") -> ModelConfig:
 
 
 def fit_reference(cfg: Config, env, questions: list[SurveyQuestion], ref_dir: Path, model_cfg_for,
-                  *, steps: int, copies: int, vocab_size: int) -> None:
+                  *, steps: int, copies: int, vocab_size: int, whole: str = "question",
+                  batch_size: int = 64, lr: float = 3e-3) -> None:
     """Stage 1 (rank 0 only): tokenizer + a model fitted to answer uniformly, saved in ``ref_dir``.
 
     Full fine-tuning from random weights; ``model_cfg_for(vocab_size)`` gives the shape. The other
@@ -346,13 +371,13 @@ def fit_reference(cfg: Config, env, questions: list[SurveyQuestion], ref_dir: Pa
 
     work = ref_dir.parent / (ref_dir.name + "_run")
     tok_path = work / "tokenizer.model"
-    train_tokenizer(tok_path, questions, vocab_size)
+    train_tokenizer(tok_path, questions, vocab_size, whole)
     tok = Tokenizer(tok_path)
     torch.manual_seed(cfg.train.seed)
     model = Transformer(model_cfg_for(tok.vocab_size)).to(env.device)
     sft_cfg = replace(cfg, lora=replace(cfg.lora, enabled=False),
-                      train=replace(cfg.train, mode="sft", lr=3e-3, max_steps=steps, warmup_steps=10,
-                                    batch_size=64, micro_batch_size=64, min_lr_ratio=0.01,
+                      train=replace(cfg.train, mode="sft", lr=lr, max_steps=steps, warmup_steps=10,
+                                    batch_size=batch_size, micro_batch_size=batch_size, min_lr_ratio=0.01,
                                     out_dir=str(work), resume=False, ref_cache=None, eval_every=10**9,
                                     save_every=10**9))
     data_kw = dict(max_len=cfg.data.max_len, max_prompt_len=cfg.data.max_prompt_len, chat_template=False)
@@ -404,7 +429,8 @@ def run_demo(cfg: Config, env) -> dict:
     questions = demo_questions()
     if not (ref_dir / "config.json").is_file() and env.is_main:
         fit_reference(cfg, env, questions, ref_dir, lambda v: demo_model_config(v, cfg.model.preset),
-                      steps=REFERENCE_STEPS, copies=REFERENCE_COPIES, vocab_size=TOKENIZER_VOCAB)
+                      steps=REFERENCE_STEPS, copies=REFERENCE_COPIES, vocab_size=TOKENIZER_VOCAB,
+                      whole=TOKENIZER_UNIT, lr=REFERENCE_LR)
     _barrier(env)
     tok_path = ref_dir / "tokenizer.model"
     tok = Tokenizer(tok_path)
@@ -430,6 +456,8 @@ def run_demo(cfg: Config, env) -> dict:
     text, rows = report(questions, ref_dists, trained, t.alpha, t.beta)
     if env.is_main:
         mass = well_formed_mass(model, tok, questions)
+        for row, m in zip(rows, mass, strict=True):
+            row["well_formed"] = m
         print(text)
         print(f"\nwell-formed answers (one option letter, then </s>): {min(mass):.4f}-{max(mass):.4f} of "
               "the probability, per question")

@@ -42,6 +42,9 @@ from spl.evaluation.scoring import (
 )
 
 SUITES = ("demo", "opinions", "diversity", "bestofn", "calibration")
+# The demo run with no sampling flag: diversity against quality as two curves, token-level and global.
+DEMO_TEMPERATURES = (0.5, 1.0, 1.5, 2.0)
+DEMO_GLOBAL_TEMPS = (1.0, 1.5, 2.0, 3.0)
 DEMO_SUITES = ["demo", "opinions", "diversity"]
 CALIBRATION_DATASETS = ("mmlu", "truthfulqa")
 DATASETS = suites.BESTOFN_DATASETS + CALIBRATION_DATASETS
@@ -189,6 +192,10 @@ def run_evaluation(cfg: EvalConfig) -> dict:
     out = Path(cfg.out or (Path(checkpoints[0]) / "eval" if checkpoints else "runs/eval"))
     out.mkdir(parents=True, exist_ok=True)
     settings = cfg.settings()
+    if demo and settings == [SamplingSetting()]:  # no sampling flag: a curve per kind of temperature
+        settings = [SamplingSetting(t) for t in DEMO_TEMPERATURES] + [
+            SamplingSetting(global_temp=t, method=cfg.method, num_candidates=cfg.num_candidates)
+            for t in DEMO_GLOBAL_TEMPS]
     sizes = {name: _size(cfg, name, demo, flag) for name, flag in (
         ("num_prompts", None), ("limit", None), ("bestofn_limit", "limit"), ("bestofn_samples", None),
         ("max_new_tokens", None), ("bestofn_max_new_tokens", "max_new_tokens"))}
@@ -291,8 +298,9 @@ def run_evaluation(cfg: EvalConfig) -> dict:
                 meta.setdefault("reference_policy", {})[name] = result["reference"]
                 write_jsonl(out / "samples" / f"diversity_{_slug(label)}.jsonl", result["samples"])
                 # Several checkpoints (an alpha/beta sweep): one series per setting, a point per run.
+                kind = "global T" if setting.global_temp is not None else "token-level t"
                 series, point = ((setting.label, _temperature_label(em) or name) if len(checkpoints) > 1
-                                 else (name, setting.label))
+                                 else (f"{name} {kind}", setting.label))
                 diversity_points.setdefault(series, []).append((point, label, result["summary"]))
 
         if "bestofn" in chosen:

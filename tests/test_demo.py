@@ -1,0 +1,90 @@
+"""The embedded demo on real GlobalOpinionQA questions (spl/demo.py) through train.py and sample.py,
+and the opinions sweep (experiments/opinions.py) reproduced by evaluate.py."""
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import torch
+
+from tests.conftest import run_script
+
+
+def tv(p, q) -> float:
+    return 0.5 * (torch.tensor(p) - torch.tensor(q)).abs().sum().item()
+
+
+def majority(row: dict) -> int:
+    return max(range(len(row["population"])), key=row["population"].__getitem__)
+
+
+def test_demo_matches_spl_theory(demo_run):
+    """alpha = 1: per question within TV 0.05 of pi ∝ ref^(b/a) p^(1/a), US and pooled alike; DPO's
+    theory erases a country's view on each pooled question, the trained model none."""
+    rows = json.loads((demo_run / "demo_results.json").read_text())
+    assert len(rows) == 6 and sum(len(r["groups"]) > 1 for r in rows) == 2
+    for row in rows:
+        assert abs(sum(row["trained"]) - 1) < 1e-6
+        assert tv(row["trained"], row["spl_theory"]) <= 0.05, (row["id"], row["trained"], row["spl_theory"])
+        assert row["well_formed"] >= 0.97, row  # mass stays on "<letter></s>" (sampling relies on it)
+        assert row["erased_by_trained"] == []
+        if len(row["groups"]) > 1:
+            assert row["erased_by_dpo_theory"], row["id"]
+    # A checkpoint sample.py / evaluate.py can find, with everything needed to resume.
+    ckpt = demo_run / "checkpoints" / (demo_run / "checkpoints" / "latest").read_text().strip()
+    for name in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors", "optimizer.safetensors",
+                 "trainer_state.json", "config.yaml", "tokenizer.model", "rng_rank0.safetensors"):
+        assert (ckpt / name).is_file(), name
+    assert (demo_run / "questions.jsonl").is_file()
+
+
+def test_dpo_collapses_onto_the_majority(demo_run, tmp_path):
+    """alpha == beta: >= 0.9 on the majority answer wherever DPO's own optimum is >= 0.95, for the US
+    and the pooled populations (stage 2 only: the demo's reference is reused)."""
+    out = tmp_path / "dpo"
+    out.mkdir()
+    shutil.copytree(demo_run / "reference", out / "reference")
+    run_script(["train.py", f"train.out_dir={out}", "train.alpha=0.1", "train.lr=1e-2"])
+    rows = json.loads((out / "demo_results.json").read_text())
+    checked = [r for r in rows if r["dpo_theory"][majority(r)] >= 0.95]
+    assert {len(r["groups"]) > 1 for r in checked} == {False, True}  # US-only and pooled questions
+    for row in checked:
+        assert row["trained"][majority(row)] >= 0.9, (row["id"], row["trained"])
+
+
+def test_global_temperature_tally(demo_run):
+    """sample.py --global-temp 2: well-formed answers, no ESS warning, and per question a tally beside
+    the exact tempered answer distribution, flatter than at T = 1."""
+    out = run_script(["sample.py", "--checkpoint", str(demo_run), "--global-temp", "2",
+                      "--num-samples", "16"])
+    assert "warning" not in out.stderr.lower(), out.stderr[-2000:]
+    tables = re.findall(r"answers to (goqa-\d+) \(16 samples at global temperature 2\):\n(.*?)\n  \(well",
+                        out.stdout, re.S)
+    assert len(tables) == 6, out.stdout[-3000:]
+    for qid, table in tables:
+        rows = [line.split() for line in table.splitlines()[1:]]
+        assert rows[-1][:3] == ["malformed", "0", "0.00"], (qid, table)
+        counts = [int(r[-4]) for r in rows[:-1]]
+        exact, plain = [float(r[-2]) for r in rows[:-1]], [float(r[-1]) for r in rows[:-1]]
+        assert sum(counts) == 16 and abs(sum(exact) - 1) < 0.01
+        assert max(exact) < max(plain) or max(plain) < 0.55, (qid, table)  # tempering flattens
+
+
+def test_opinion_sweep_reproduced_by_evaluate(tmp_path):
+    """A small sweep (3 US + 2 pooled questions): SPL at alpha = 1 within TV 0.05 of theory, DPO >= 0.9
+    on majorities its theory gives >= 0.95, and evaluate.py --suite opinions on the checkpoints
+    reproduces every per-question distribution within 1e-6."""
+    out = tmp_path / "sweep"
+    run_script(["experiments/opinions.py", "--out", str(out), "--us", "3", "--pooled", "2",
+                "--alphas", "0.1,1", "--steps", "200", "--reference-steps", "200", "--threads", "1"])
+    results = json.loads((out / "results.json").read_text())
+    assert results["evaluate_max_abs_diff"] <= 1e-6
+    assert sum(results["pooled"]) == 2
+    spl, dpo = results["alphas"]["1"], results["alphas"]["0.1"]
+    assert spl["tv_trained_theory"]["worst"] <= 0.05
+    for k, theo in enumerate(dpo["distributions"]["theory"]):
+        top = max(range(len(theo)), key=theo.__getitem__)
+        if theo[top] >= 0.95:
+            assert dpo["distributions"]["trained"][k][top] >= 0.9, (k, dpo["distributions"]["trained"][k])
+    assert (out / "report.md").is_file() and Path(spl["checkpoint"]).is_dir()
