@@ -48,7 +48,6 @@ import torch  # noqa: E402
 
 from spl.config import Config, DataConfig, LoRAConfig, ModelConfig, TrainConfig  # noqa: E402
 from spl.demo import (  # noqa: E402
-    COMPARISONS,
     QUESTIONS_FILE,
     answer_distributions,
     erased_groups,
@@ -89,7 +88,8 @@ def select_questions(us_limit: int | None, pooled_limit: int | None) -> list[Sur
 
 
 def model_config(vocab_size: int) -> ModelConfig:
-    """One layer is enough to tell ~300 prompts apart, and costs half of the demo's two."""
+    """One layer: each prompt is one token (``spl.demo.train_tokenizer``), so the model is a table
+    of ~300 answer distributions and needs no depth to tell the questions apart."""
     return ModelConfig(dim=64, n_layers=1, head_dim=16, hidden_dim=128, n_heads=4, n_kv_heads=2,
                        vocab_size=vocab_size, rope_theta=1e4, max_seq_len=256)
 
@@ -143,14 +143,14 @@ def measure(questions, ref, trained, alpha: float) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
-def run_config(out: Path, alpha: float, steps: int, lr: float, batch: int) -> Config:
-    """Full fine-tuning from the reference; the reference log-probs cached once for every alpha."""
+def run_config(out: Path, alpha: float, args) -> Config:
+    """One alpha's SPL run, full fine-tuning (a table needs its rows, the prompt embeddings, to move;
+    LoRA cannot reach them). The reference log-probs are cached once for every alpha."""
     return Config(lora=LoRAConfig(enabled=False), data=DataConfig(chat_template=False),
-                  train=TrainConfig(mode="spl", alpha=alpha, beta=BETA, lr=lr, warmup_steps=20,
-                                    max_steps=steps, batch_size=batch, micro_batch_size=batch,
-                                    min_lr_ratio=0.01,
-                                    out_dir=str(out / f"alpha_{alpha:g}"), save_every=steps, eval_every=10**9,
-                                    log_every=50, keep_checkpoints=1,
+                  train=TrainConfig(mode="spl", alpha=alpha, beta=BETA, lr=args.lr, warmup_steps=20,
+                                    max_steps=args.steps, batch_size=args.batch, micro_batch_size=args.batch,
+                                    min_lr_ratio=0.01, out_dir=str(out / f"alpha_{alpha:g}"),
+                                    save_every=args.steps, eval_every=10**9, log_every=50, keep_checkpoints=1,
                                     ref_cache=str(out / "reference_logps.safetensors")))
 
 
@@ -175,14 +175,15 @@ def sweep(args) -> tuple[dict, list[SurveyQuestion], list[torch.Tensor]]:
     if not (ref_dir / "config.json").is_file():
         base = Config(lora=LoRAConfig(enabled=False), data=DataConfig(chat_template=False))
         fit_reference(base, env, questions, ref_dir, model_config, steps=args.reference_steps, copies=4,
-                      vocab_size=500, whole="prompt", batch_size=args.batch, lr=args.lr)
+                      batch_size=1024)
     tok = Tokenizer(ref_dir / "tokenizer.model")
     reference, _ = load_model(ref_dir)
     ref = answer_distributions(reference, tok, questions)
     uniform_tv = [total_variation(r, torch.full_like(r, 1 / len(r))) for r in ref]
     print(f"reference: total variation to uniform {sum(uniform_tv) / len(uniform_tv):.4f} mean, "
           f"{max(uniform_tv):.4f} worst")
-    pairs = preference_pairs(questions, tok, COMPARISONS, seed=1)
+    pairs = preference_pairs(questions, tok, args.comparisons, seed=1,
+                             non_answer_comparisons=args.non_answers)
     timings["reference_s"] = time.perf_counter() - tic
     results = {"questions": [q.id for q in questions], "pooled": [q.pooled for q in questions],
                "reference_tv_to_uniform": uniform_tv, "pairs": len(pairs), "alphas": {}}
@@ -190,7 +191,7 @@ def sweep(args) -> tuple[dict, list[SurveyQuestion], list[torch.Tensor]]:
         tic = time.perf_counter()
         model, _ = load_model(ref_dir)
         torch.manual_seed(0)
-        cfg = run_config(out, alpha, args.steps, args.lr, args.batch)
+        cfg = run_config(out, alpha, args)
         kind = "DPO" if alpha == BETA else "SPL"
         print(f"\n{kind} alpha={alpha:g} beta={BETA:g}: {args.steps} steps on {len(pairs)} pairs")
         trainer = Trainer(cfg, env, model, pairs, tokenizer_path=str(ref_dir / "tokenizer.model"),
@@ -394,9 +395,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--alphas", type=lambda s: [float(x) for x in s.split(",")], default=list(ALPHAS),
                    help="comma list (default 0.1,0.25,0.5,1,2; 0.1 = beta is DPO)")
     p.add_argument("--steps", type=int, default=1000, help="SPL steps per alpha (default 1000)")
-    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate of the SPL stage (3e-3)")
-    p.add_argument("--batch", type=int, default=1024, help="pairs (and SFT answers) per step (1024)")
-    p.add_argument("--reference-steps", type=int, default=400, help="SFT steps of the reference (400)")
+    p.add_argument("--lr", type=float, default=1e-2, help="peak learning rate of the SPL stage (1e-2)")
+    p.add_argument("--comparisons", type=int, default=200, help="comparisons per pair of options (200)")
+    p.add_argument("--non-answers", type=int, default=0, help="comparisons per (option, other token) (0)")
+    p.add_argument("--batch", type=int, default=4096, help="pairs per SPL step (4096)")
+    p.add_argument("--reference-steps", type=int, default=600, help="SFT steps of the reference (600)")
     p.add_argument("--us", type=int, help="first N US questions only (default: all 181)")
     p.add_argument("--pooled", type=int, help="first N pooled questions only (default: all)")
     p.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")

@@ -157,7 +157,7 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0
     warmup_steps: int = 20
-    max_steps: int = 400
+    max_steps: int = 1500
     schedule: str = "cosine"  # cosine | linear | constant, after linear warmup
     min_lr_ratio: float = 0.1  # decay floor as a fraction of lr
     batch_size: int = 64  # pairs (or sequences) per optimizer step, over all ranks

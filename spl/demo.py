@@ -1,4 +1,4 @@
-"""The embedded default: the paper's social-choice claim on real survey questions, in minutes on a CPU.
+"""The embedded default: the paper's social-choice claim on real survey questions, in a minute on a CPU.
 
 Six GlobalOpinionQA questions (Durmus et al. 2023; ``spl/survey.py`` states how they are read):
 four with the United States' answer shares as the population, and two on which countries disagree
@@ -10,20 +10,28 @@ p_best(y) is the population's share of answer y (Prop. A.1).
    no opinion of its own that always answers with one option letter and stops.
 2. Policy: LoRA adapters train with SPL on pairwise preferences drawn from the population:
    Bradley-Terry with reward log p_best, each pair of options compared ``COMPARISONS`` times and a
-   share p_i / (p_i + p_j) of them (rounded, not sampled) preferring i. The reference is the same
-   weights with adapters disabled. A pair compares the two option letters alone, one token each:
-   the "</s>" that ends an answer is format, learned in step 1 and left out of the comparison, so
-   the trained distribution over answers is exactly the next-token distribution over option
-   letters that ``evaluate.py --suite opinions`` reads (App. D).
+   share p_i / (p_i + p_j) of them (rounded, not sampled) preferring i, plus comparisons that every
+   option wins against every non-answer (``preference_pairs``). The reference is the same weights
+   with adapters disabled.
 3. It prints, per question, the population (each country's shares too when pooled), the
    reference, DPO's theory pi ∝ ref p^(1/beta) (Prop. 3.1), SPL's pi ∝ ref^(beta/alpha)
    p^(1/alpha) (Prop. 3.2/A.1) and the trained model, and which countries' top answers a
    distribution erases (gives less than half of their share in the pool).
 
-With alpha = 1 SPL reproduces the population (proportional representation); with alpha == beta
-(``train.alpha=0.1``) the same run is DPO and collapses onto the majority answer. The sweep over
-alpha on all 181 US questions and a pooled set is ``experiments/opinions.py``; the same functions
-train it.
+Two choices keep a minute of CPU enough and the answers well-formed:
+- The demo's tokenizer holds each whole prompt as one token (``train_tokenizer``), so the model
+  is in effect a table of answer distributions, one row per question: the unconstrained policy
+  of Prop. A.1, trained through the real tokenizer, LoRA, log-prob, loss, trainer and checkpoint
+  code.
+- A preference pair compares the two option letters alone, one token each. The "</s>" that ends
+  an answer is format, learned in step 1 and left out of the comparison, so the trained
+  distribution over answers is exactly the next-token distribution over option letters that
+  ``evaluate.py --suite opinions`` reads (App. D).
+
+With alpha = 1 SPL reproduces the population (proportional representation). DPO (alpha == beta)
+would put nearly everything on the majority answer: its theory column shows where. The sweep over
+alpha on all 181 US questions and a pooled set, with trained DPO models, is
+``experiments/opinions.py``; the same functions train it.
 """
 
 from __future__ import annotations
@@ -51,12 +59,10 @@ US_QUESTIONS = ["goqa-2265", "goqa-11553", "goqa-20172", "goqa-8935"]
 POOLED_QUESTIONS = [("goqa-0", ("Belgium", "Greece", "Spain")),  # Germany's influence in the EU
                     ("goqa-6002", ("Kuwait", "Lebanon", "Tunisia"))]  # who chooses a woman's husband
 COMPARISONS = 400  # per pair of options (the rounding of p_i / (p_i + p_j) moves it <= 0.00125)
+NON_ANSWER_COMPARISONS = 30  # per (option, token that is no answer): keeps the answers well-formed
 REFERENCE_COPIES = 16  # SFT answers per option per question: every option equally often
 REFERENCE_STEPS = 400  # SFT steps fitting the uniform reference
 REFERENCE_LR = 1e-2  # its peak learning rate: the format (letter, then </s>) must hold firmly
-TOKENIZER_VOCAB = 400  # BPE pieces of the demo tokenizer, fitted to the demo's own text
-TOKENIZER_UNIT = "question"
-NON_ANSWER_COMPARISONS = 1  # comparisons of each option with each token that is not an option
 QUESTIONS_FILE = "questions.jsonl"  # beside a run's checkpoints: what it trained on
 
 
@@ -77,16 +83,13 @@ def answer_text(letter: str) -> str:
     return f" {letter}"
 
 
-def train_tokenizer(path: Path, questions: list[SurveyQuestion], vocab_size: int,
-                    whole: str = "question") -> None:
-    """A BPE SentencePiece model of the questions' text with Mistral's special ids (unk 0, bos 1,
-    eos 2, no pad), so nothing is downloaded.
+def train_tokenizer(path: Path, questions: list[SurveyQuestion]) -> None:
+    """A SentencePiece model with Mistral's special ids (unk 0, bos 1, eos 2, no pad) in which each
+    whole prompt of ``questions`` is one piece, and each answer (" A", " B", ...) one more.
 
-    Each question's text is one piece (a user-defined symbol): a prompt is then ~20 tokens instead
-    of ~60, and the question's identity sits in one embedding that a small model reads and maps to
-    that question's answer distribution, a table of per-question policies inside a real Mistral
-    (Prop. A.1 is about exactly such unconstrained policies). Each option letter must be one piece
-    too: an answer is one token, as ``evaluate.py`` expects of multiple-choice letters.
+    A prompt is then one token after bos: its embedding is that question's row in a table of
+    answer distributions, which a small model learns in seconds (module docstring). Nothing is
+    downloaded. Other text encodes poorly: mostly unknown pieces.
     """
     import sentencepiece as spm
 
@@ -94,26 +97,25 @@ def train_tokenizer(path: Path, questions: list[SurveyQuestion], vocab_size: int
 
     letters = sorted({letter for q in questions for letter in q.letters()})
     lines = [q.prompt() for q in questions] + [answer_text(letter) for letter in letters] * 8
-    common = dict(sentence_iterator=iter(lines), model_type="bpe", unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-                  hard_vocab_limit=False, character_coverage=1.0, split_by_whitespace=True, num_threads=1,
-                  minloglevel=2)
-    # A symbol must equal the normalized text SentencePiece matches it against ("▁" for spaces,
-    # NFKC, runs of spaces collapsed): take it from a plain model's own pieces.
+    common = dict(model_type="bpe", unk_id=0, bos_id=1, eos_id=2, pad_id=-1, hard_vocab_limit=False,
+                  character_coverage=1.0, split_by_whitespace=True, num_threads=1, minloglevel=2)
+    # A user-defined symbol must equal the normalized text SentencePiece matches it against ("▁"
+    # for spaces, newlines as spaces, NFKC): take it from a plain model's own pieces.
     plain = io.BytesIO()
-    spm.SentencePieceTrainer.train(**common, model_writer=plain, vocab_size=vocab_size)
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=plain, vocab_size=200,
+                                   **common)
     sp = spm.SentencePieceProcessor(model_proto=plain.getvalue())
-    units = [q.text if whole == "question" else q.prompt() for q in questions]
-    symbols = sorted({"".join(sp.encode(u, out_type=str)) for u in units})
+    symbols = sorted({"".join(sp.encode(q.prompt(), out_type=str)) for q in questions})
     buf = io.BytesIO()
-    common["sentence_iterator"] = iter(lines)
-    spm.SentencePieceTrainer.train(**common, model_writer=buf, vocab_size=vocab_size + len(symbols),
-                                   user_defined_symbols=symbols)
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=buf,
+                                   vocab_size=200 + len(symbols), user_defined_symbols=symbols, **common)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(buf.getvalue())
     tok = Tokenizer(path)
-    split = [letter for letter in letters if len(tok.encode(answer_text(letter))) != 1]
-    if split:
-        raise RuntimeError(f"tokenizer {path}: answers {split} are not single pieces")
+    bad = [q.id for q in questions if len(tok.encode(q.prompt())) != 1]
+    bad += [letter for letter in letters if len(tok.encode(answer_text(letter))) != 1]
+    if bad:
+        raise RuntimeError(f"tokenizer {path}: {bad[:5]} are not single pieces")
 
 
 def reference_records(questions: list[SurveyQuestion], copies: int, seed: int) -> list[dict]:
@@ -132,12 +134,13 @@ def preference_pairs(questions: list[SurveyQuestion], tok, comparisons: int, see
     * p_i / (p_i + p_j)) of them prefer i (Bradley-Terry with reward log p). Options that both have
     share 0 are not compared.
 
-    Non-answers: every option also beats every other token of the vocabulary ("</s>", an empty
-    answer, among them), ``non_answer_comparisons`` times each. Nobody answers with those
-    (p_best = 0), so by Prop. A.1 the optimum gives them 0 and leaves the options' proportions as
-    they were. Without them the loss sees nothing but the options, and it can widen a margin by
-    pushing both answers down: probability leaks out of the answers (all of it, under DPO at a
-    high learning rate, on the demo), where a sampler then finds it.
+    Non-answers. A letter that answers other questions of the set but is not an option here, and
+    "</s>" (an empty answer: a refusal, which the survey rules drop), are zero-share options: every
+    option beats them ``comparisons`` times. Every other token of the vocabulary loses to every
+    option ``non_answer_comparisons`` times. Nobody answers with those (p_best = 0), so by Prop. A.1 the
+    optimum gives them 0 and leaves the options' proportions as they were. Without them the loss
+    sees nothing but the options, and training lets probability leak out of the answers, where a
+    sampler then finds it.
 
     Pairs are built from token ids directly: the answers are one letter each, without the "</s>"
     that ``PreferenceDataset.from_records`` would append (module docstring), and ids are shared
@@ -147,11 +150,12 @@ def preference_pairs(questions: list[SurveyQuestion], tok, comparisons: int, see
 
     if non_answer_comparisons is None:
         non_answer_comparisons = NON_ANSWER_COMPARISONS
-    pairs = []
     single = [[t] for t in range(tok.vocab_size)]  # one shared list per one-token response
+    letter_ids = {letter: tok.encode(answer_text(letter))[0] for q in questions for letter in q.letters()}
+    pairs = []
     for q in questions:
         prompt = tok.encode(q.prompt(), bos=True)
-        answers = [single[tok.encode(answer_text(letter))[0]] for letter in q.letters()]
+        answers = [single[letter_ids[letter]] for letter in q.letters()]
         p = q.population
         for i in range(len(p)):
             for j in range(i + 1, len(p)):
@@ -160,11 +164,16 @@ def preference_pairs(questions: list[SurveyQuestion], tok, comparisons: int, see
                 wins = round(comparisons * p[i] / (p[i] + p[j]))
                 pairs += [PreferencePair(prompt, answers[i], answers[j])] * wins
                 pairs += [PreferencePair(prompt, answers[j], answers[i])] * (comparisons - wins)
-        skip = {a[0] for a in answers} | {tok.bos_id, 0}  # bos and unk never follow a prompt
+        own = {a[0] for a in answers}
+        # Zero-share options: other questions' letters, and "</s>" (an empty answer is a refusal,
+        # which the survey rules drop).
+        elsewhere = (set(letter_ids.values()) | {tok.eos_id}) - own
         for answer in answers:
             for t in range(tok.vocab_size):
-                if t not in skip:
-                    pairs += [PreferencePair(prompt, answer, single[t])] * non_answer_comparisons
+                if t in own:
+                    continue
+                count = comparisons if t in elsewhere else non_answer_comparisons
+                pairs += [PreferencePair(prompt, answer, single[t])] * count
     perm = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed)).tolist()
     stats = {"read": len(pairs), "kept": len(pairs)}
     return PreferenceDataset([pairs[k] for k in perm], stats, tok.pad_id)
@@ -355,8 +364,7 @@ def demo_model_config(vocab_size: int, preset: str = "tiny") -> ModelConfig:
 
 
 def fit_reference(cfg: Config, env, questions: list[SurveyQuestion], ref_dir: Path, model_cfg_for,
-                  *, steps: int, copies: int, vocab_size: int, whole: str = "question",
-                  batch_size: int = 64, lr: float = 3e-3) -> None:
+                  *, steps: int, copies: int, batch_size: int = 64, lr: float = REFERENCE_LR) -> None:
     """Stage 1 (rank 0 only): tokenizer + a model fitted to answer uniformly, saved in ``ref_dir``.
 
     Full fine-tuning from random weights; ``model_cfg_for(vocab_size)`` gives the shape. The other
@@ -371,7 +379,7 @@ def fit_reference(cfg: Config, env, questions: list[SurveyQuestion], ref_dir: Pa
 
     work = ref_dir.parent / (ref_dir.name + "_run")
     tok_path = work / "tokenizer.model"
-    train_tokenizer(tok_path, questions, vocab_size, whole)
+    train_tokenizer(tok_path, questions)
     tok = Tokenizer(tok_path)
     torch.manual_seed(cfg.train.seed)
     model = Transformer(model_cfg_for(tok.vocab_size)).to(env.device)
@@ -429,8 +437,7 @@ def run_demo(cfg: Config, env) -> dict:
     questions = demo_questions()
     if not (ref_dir / "config.json").is_file() and env.is_main:
         fit_reference(cfg, env, questions, ref_dir, lambda v: demo_model_config(v, cfg.model.preset),
-                      steps=REFERENCE_STEPS, copies=REFERENCE_COPIES, vocab_size=TOKENIZER_VOCAB,
-                      whole=TOKENIZER_UNIT, lr=REFERENCE_LR)
+                      steps=REFERENCE_STEPS, copies=REFERENCE_COPIES)
     _barrier(env)
     tok_path = ref_dir / "tokenizer.model"
     tok = Tokenizer(tok_path)

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 from evaluate import main as evaluate_main
 from spl.data import Where, parse_hh
-from spl.demo import demo_model_config, train_demo_tokenizer
+from spl.demo import demo_model_config, demo_questions, train_tokenizer
 from spl.evaluation.datasets import MultipleChoice, load_gsm8k, load_math
 from spl.evaluation.runner import EvalConfig
 from spl.evaluation.scoring import (
@@ -73,7 +73,7 @@ def test_evaluate_demo_end_to_end(demo_run, tmp_path, monkeypatch):
     demo = results["demo"]["run"]["summary"]
     assert (demo["alpha"], demo["beta"]) == (1.0, 0.1)
     assert demo["tv_spl_theory_trained"] < 0.1 < demo["tv_population_reference"]
-    assert len(results["demo"]["run"]["answers"]) == 16
+    assert len(results["demo"]["run"]["answers"]) == 6 * 3  # six questions, three options each
 
     opinions = results["opinions"]["run"]
     assert opinions["questions"] == 3 and 0 <= opinions["tv"] <= 1 and opinions["kl"] >= 0
@@ -182,7 +182,7 @@ def test_completions_scoring(tmp_path):
 def tiny(tmp_path_factory) -> EvalModel:
     """A random tiny Mistral with the demo's tokenizer (trained here in a fraction of a second)."""
     path = tmp_path_factory.mktemp("tok") / "tokenizer.model"
-    train_demo_tokenizer(path)
+    train_tokenizer(path, demo_questions())
     tok = Tokenizer(path)
     torch.manual_seed(0)
     model = Transformer(demo_model_config(tok.vocab_size)).eval()

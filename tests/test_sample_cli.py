@@ -14,7 +14,7 @@ def test_global_temperature_on_demo_checkpoint(demo_run, tmp_path):
     run_script(["sample.py", "--checkpoint", str(demo_run), "--global-temp", "2", "--num-samples", "3",
                 "--max-new-tokens", "6", "--output", str(out)])
     rows = read(out)
-    assert len(rows) == 4 * 3  # the demo's four questions by default
+    assert len(rows) == 6 * 3  # the demo's six questions by default
     for r in rows:
         assert set(r) == {"prompt", "completion", "num_tokens", "logp", "method", "temperature", "ess"}
         assert r["method"] == "resample" and r["temperature"] == 2 and 1 <= r["ess"] <= 16

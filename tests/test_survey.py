@@ -111,7 +111,7 @@ def test_zero_shares_and_comparisons():
     other = SurveyQuestion("goqa-2", "R?", ["a", "b", "c", "d", "e"], "United States", [0.2] * 5,
                            {"United States": [0.2] * 5})
     tok = LetterTokenizer()
-    pairs = preference_pairs([q, other], tok, comparisons=50, seed=0, non_answers=3, non_answer_comparisons=2)
+    pairs = preference_pairs([q, other], tok, comparisons=50, seed=0, non_answer_comparisons=2)
     prompt = tok.encode(q.prompt(), bos=True)
     mine = [(p.chosen_ids[0], p.rejected_ids[0]) for p in pairs if p.prompt_ids == prompt]
     assert all(len(p.chosen_ids) == len(p.rejected_ids) == 1 for p in pairs)  # one token, no eos
@@ -120,10 +120,13 @@ def test_zero_shares_and_comparisons():
     assert count[(a, b)] == 30 and count[(b, a)] == 20  # round(50 * 0.6 / 1.0)
     assert count[(a, c)] == 50 and (c, a) not in count  # a zero share wins no comparison
     assert (c, d) not in count and (d, c) not in count  # two zero shares are never compared
-    # Non-answers: the letter no option of this question has (e) and 3 random tokens, 2 times each,
-    # lost to every option; never anything else.
-    losers = {r for (w, r) in mine if r not in (a, b, c, d)}
-    assert e in losers and len(losers) == 4 and all(count[(w, r)] == 2 for w in (a, b, c, d) for r in losers)
+    # Non-answers lose to every option: E (an option elsewhere only) and </s> like zero-share
+    # options, every other token twice; nothing else is compared.
+    assert all(count[(w, e)] == 50 for w in (a, b, c, d))
+    assert all(count[(w, tok.eos_id)] == 50 for w in (a, b, c, d))  # an empty answer: a refusal
+    others = [t for t in range(tok.vocab_size) if t not in (a, b, c, d, e, tok.eos_id)]
+    assert all(count[(w, t)] == 2 for w in (a, b, c, d) for t in others)
+    assert len(count) == 6 + 8 + 4 * len(others)  # a-b both ways, a and b beat c and d; e, eos; the rest
     # Theory gives zero shares exactly 0 (DPO and SPL alike).
     pop, ref = torch.tensor(q.population, dtype=torch.float64), torch.full((4,), 0.25, dtype=torch.float64)
     for alpha in (0.1, 1.0, 2.0):
