@@ -22,6 +22,8 @@ unless "answer" is given; each line is one of that problem's n samples for pass@
 import argparse
 import sys
 
+from spl.chat_templates import CHOICES as CHAT_TEMPLATES
+
 
 def _float_list(text: str) -> list[float]:
     """A comma-separated list of numbers ("1,1.2")."""
@@ -47,9 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "sweep (default: runs/demo)")
     g.add_argument("--adapter", metavar="DIR", help="extra PEFT adapter over a single --checkpoint")
     g.add_argument("--tokenizer", metavar="FILE", help="tokenizer.model (default: the checkpoint's own)")
-    g.add_argument("--chat-template", default="auto", choices=("auto", "yes", "no"),
-                   help="pose prompts with the Mistral chat template; auto follows the run's training "
-                        "config (plain text for the demo and bare model dirs)")
+    g.add_argument("--chat-template", default="auto", choices=CHAT_TEMPLATES,
+                   help="how prompts are posed: auto (as each checkpoint was trained: its run config, "
+                        "tokenizer_config.json or control tokens), mistral-v1, mistral-v3, zephyr, none "
+                        "(plain text)")
     g.add_argument("--reward-model", metavar="PATH", help="reward-mode run (train.mode=reward) for the "
                    "average-reward quality metric")
     g.add_argument("--reference", metavar="PATH", help="reference policy for the cross-entropy metric "

@@ -2,9 +2,9 @@
 temperature that targets pi(y)^(1/T) over whole responses (paper eqs. 7-10).
 
     python sample.py --global-temp 2                       # the demo checkpoint (runs/demo)
-    python sample.py --checkpoint runs/hh-spl --chat --prompt "How do I bake bread?" --num-samples 4
+    python sample.py --checkpoint runs/hh-spl --prompt "How do I bake bread?" --num-samples 4
     python sample.py --checkpoint /models/Mistral-7B-Instruct-v0.2 \\
-        --adapter runs/x/checkpoints/step_0005000/adapter --chat --prompts-file prompts.jsonl \\
+        --adapter runs/x/checkpoints/step_0005000/adapter --prompts-file prompts.jsonl \\
         --temperature 0.7 --top-p 0.9 --output samples.jsonl
 """
 
@@ -13,6 +13,8 @@ import json
 import sys
 import warnings
 from pathlib import Path
+
+from spl.chat_templates import CHOICES as CHAT_TEMPLATES
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -25,7 +27,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     p.add_argument("--prompts-file", help="prompts, one per line (.txt) or JSONL records with 'prompt' "
                                           "(text) or 'messages' (a conversation)")
-    p.add_argument("--chat", action="store_true", help="wrap prompts in the Mistral [INST] chat template")
+    p.add_argument("--chat-template", choices=CHAT_TEMPLATES, default="auto",
+                   help="how prompts are posed: auto (as the checkpoint was trained: its run config, "
+                        "tokenizer_config.json or control tokens), mistral-v1, mistral-v3, zephyr, none "
+                        "(plain text)")
     p.add_argument("--num-samples", type=int, default=1, help="completions per prompt (default 1)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="token budget per completion (default 64)")
     p.add_argument("--global-temp", type=float, help="sequence-level temperature T: sample from pi(y)^(1/T)")
@@ -83,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import torch
 
+    from spl.chat_templates import ChatTemplateError, set_chat_template
     from spl.sampling import generate, sample_global_temperature
     from spl.trainer import TrainingError, load_for_inference
 
@@ -96,6 +102,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sample.py: {e}", file=sys.stderr)
         return 1
     model, tok = loaded.model, loaded.tokenizer
+    try:
+        print(set_chat_template(tok, args.chat_template, checkpoint=loaded.source, base=loaded.base,
+                                adapter=args.adapter), file=sys.stderr)
+    except ChatTemplateError as e:
+        print(f"sample.py: {e}", file=sys.stderr)
+        return 1
     if loaded.has_adapter:
         from spl.lora import merge
         merge(model)  # fold the adapters in once: decoding then costs what the base model costs
@@ -103,12 +115,12 @@ def main(argv: list[str] | None = None) -> int:
     if not prompts:
         prompts = default_prompts(loaded.source)
     ids = []
-    for p in prompts:
-        if args.chat or isinstance(p, list):
-            messages = p if isinstance(p, list) else [{"role": "user", "content": p}]
-            ids.append(tok.encode_prompt(messages))
-        else:
-            ids.append(tok.encode(p, bos=True))
+    for n, p in enumerate(prompts):
+        try:  # a text prompt is one user message: plain text under the "none" template
+            ids.append(tok.encode_prompt(p if isinstance(p, list) else [{"role": "user", "content": p}]))
+        except ValueError as e:
+            print(f"sample.py: prompt {n}: {e}", file=sys.stderr)
+            return 1
     method = "token" if args.global_temp is None else args.method
     if method == "auto":  # the sampler's own rule, recorded so outputs say what actually ran
         method = "resample" if args.global_temp >= 1 else "smc"

@@ -19,6 +19,7 @@ def main(argv: list[str] | None = None) -> int:
         from spl.config import Config
         print("Defaults:\n" + Config().to_yaml())
         return 0
+    from spl.chat_templates import ChatTemplateError
     from spl.checkpoint import CheckpointError
     from spl.config import ConfigError, load_config
     from spl.data import DataError
@@ -39,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
             run_demo(cfg, env)
         else:
             run(cfg, env)
-    except (TrainingError, DataError, CheckpointError) as e:
+    except (TrainingError, DataError, CheckpointError, ChatTemplateError) as e:
         print(f"train.py: {e}", file=sys.stderr)
         return 1
     finally:

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import yaml
 
+from spl.chat_templates import CHOICES as CHAT_TEMPLATES
+
 
 class ConfigError(ValueError):
     """An impossible or unknown configuration value; the message names the field."""
@@ -129,13 +131,16 @@ class DataConfig:
     train_path: str | None = None
     eval_path: str | None = None
     format: str = "auto"  # auto | preference | hh | sft
-    chat_template: bool = True  # Mistral [INST] template; the demo's plain prompts set False
+    # auto (read what the checkpoint carries), mistral-v1, mistral-v3, zephyr or none (plain text):
+    # spl/chat_templates.py. A run saves the resolved name; the demo always uses none.
+    chat_template: str = "auto"
     max_len: int = 512  # prompt + response tokens
     max_prompt_len: int = 256  # prompts are cut from the left first, then responses from the right
     eval_size: int = 0  # >0: hold out this many training records for eval when eval_path is unset
 
     def __post_init__(self) -> None:
         _choice("data.format", self.format, ("auto", "preference", "hh", "sft"))
+        _choice("data.chat_template", self.chat_template, CHAT_TEMPLATES)
         _positive("data.max_len", self.max_len)
         _positive("data.max_prompt_len", self.max_prompt_len)
         if self.max_prompt_len >= self.max_len:

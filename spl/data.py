@@ -6,7 +6,7 @@ PreferenceDataset / SFTDataset → BatchIterator (seeded shuffle, rank slicing, 
 
 Record formats, one JSON object per line:
   preference  {"prompt": str | messages, "chosen": R, "rejected": R}, where R is a response string,
-              a list of assistant messages (merged with "\\n\\n", as the chat template merges them),
+              a list of assistant messages (merged with "\\n\\n", as the Mistral templates merge them),
               or a full conversation [*prompt, assistant] (UltraFeedback). "prompt" may be left out
               when the sides are full conversations: the prompt is then everything before the final
               assistant message, and both sides must agree on it.
@@ -19,10 +19,11 @@ Record formats, one JSON object per line:
               {"messages": [...]}: loss on EVERY assistant turn (each is a demonstration, as in
               UltraChat SFT), the user and system turns being context.
 
-Tokens: with chat_template=True the Mistral instruct template (spl/tokenizer.py) encodes the prompt
-and the response; with False (plain-string prompts, the tiny CPU demo) prompt = bos + encode(prompt)
-and response = encode(response) + eos. When prompt + longest response exceeds max_len, the prompt
-keeps its LAST max_prompt_len tokens (bos kept in front), then responses are cut from the right.
+Tokens: the tokenizer's chat template (spl/chat_templates.py: mistral-v1, mistral-v3, zephyr) encodes
+the prompt and the response; with the "none" template (plain-string prompts: base models, the tiny
+CPU demo) prompt = bos + encode(prompt) and response = encode(response) + eos. When prompt + longest
+response exceeds max_len, the prompt keeps its LAST max_prompt_len tokens (bos kept in front), then
+responses are cut from the right.
 
 Batch contract (collate_preference / collate_sft; the trainer relies on exactly this):
   input_ids   (N, T) long  prompt + response, right-padded with pad_id; for preference batches N = 2B
@@ -78,7 +79,7 @@ class PreferenceText:
     """A parsed preference record, before tokenization."""
 
     prompt: list[Message]  # conversation ending in a user turn
-    prompt_text: str | None  # the prompt as one raw string, when the source has one (chat_template=False)
+    prompt_text: str | None  # the prompt as one raw string, when the source has one (template "none")
     chosen: str
     rejected: str
 
@@ -352,52 +353,50 @@ def truncate(prompt: list[int], responses: list[list[int]], *, max_len: int, max
     return prompt, responses, prompt_cut, response_cut
 
 
-def _encode_pair(text: PreferenceText, tok: Tokenizer, chat_template: bool,
+def _plain(tok: Tokenizer) -> bool:
+    """Whether the tokenizer's template is plain text ("none"), which reads the raw prompt string."""
+    if tok.chat_template is None:
+        raise ValueError(f"tokenizer {tok.path} has no chat template (set data.chat_template)")
+    return tok.chat_template.single_exchange
+
+
+def _encode_pair(text: PreferenceText, tok: Tokenizer,
                  where: Where) -> tuple[list[int], list[int], list[int]]:
-    if not chat_template:
+    prompt = text.prompt
+    if _plain(tok):
         if text.prompt_text is None:
-            raise DataError(where, "prompt", "chat_template=False needs a plain-string prompt, got messages")
-        return (tok.encode(text.prompt_text, bos=True), tok.encode(text.chosen, eos=True),
-                tok.encode(text.rejected, eos=True))
+            raise DataError(where, "prompt", "chat template 'none' needs a plain-string prompt, got messages")
+        prompt = [{"role": "user", "content": text.prompt_text}]
     try:
-        # Turns are encoded separately, so the prompt ids are the same for both sides.
-        prompt, chosen = tok.encode_prompt_response([*text.prompt, _assistant(text.chosen)])
-        _, rejected = tok.encode_prompt_response([*text.prompt, _assistant(text.rejected)])
+        # Both sides give the same prompt ids: a response always starts on a token boundary.
+        prompt_ids, chosen = tok.encode_prompt_response([*prompt, _assistant(text.chosen)])
+        _, rejected = tok.encode_prompt_response([*prompt, _assistant(text.rejected)])
     except ValueError as err:
         raise DataError(where, "prompt", str(err)) from err
-    return prompt, chosen, rejected
+    return prompt_ids, chosen, rejected
 
 
-def _encode_sft(text: SFTText, tok: Tokenizer, chat_template: bool,
-                where: Where) -> tuple[list[int], list[bool]]:
+def _encode_sft(text: SFTText, tok: Tokenizer, where: Where) -> tuple[list[int], list[bool]]:
     """→ (input_ids, response_mask aligned with input_ids)."""
     if text.text is not None:
         ids = tok.encode(text.text, bos=True, eos=True)
         return ids, [False] + [True] * (len(ids) - 1)  # bos is never a target
     messages = text.messages
-    if not chat_template:
+    if _plain(tok):
         if text.prompt_text is None:
-            raise DataError(where, "messages", "chat_template=False needs {'prompt': str, 'response': str}")
-        prompt = tok.encode(text.prompt_text, bos=True)
-        response = tok.encode(messages[-1]["content"], eos=True)
-        return prompt + response, [False] * len(prompt) + [True] * len(response)
-    # Train on every assistant turn at or after first_trained; a run of consecutive assistant
-    # messages is one merged turn, marked once at its last message.
-    ends = [j for j in range(text.first_trained, len(messages)) if messages[j]["role"] == "assistant"
-            and (j + 1 == len(messages) or messages[j + 1]["role"] != "assistant")]
+            raise DataError(where, "messages", "chat template 'none' needs {'prompt': str, 'response': str}")
+        messages = [{"role": "user", "content": text.prompt_text}, messages[-1]]
     try:
-        ids = tok.encode_chat(messages)
-        spans = [tok.encode_prompt_response(messages[:j + 1]) for j in ends]
+        ids, responses = tok.encode_chat_responses(messages)
     except ValueError as err:
         raise DataError(where, "messages", str(err)) from err
+    # Train on every assistant turn whose last message is at or after first_trained (a prompt's
+    # own assistant turns are context). The spans come from one encoding of the whole conversation,
+    # so a template that moves the system prompt (mistral-v3: to the last user turn) is honoured.
     mask = [False] * len(ids)
-    for prompt, response in spans:
-        end = len(prompt) + len(response)
-        # A system message after the first assistant turn would re-encode the first user turn.
-        if prompt + response != ids[:end]:
-            raise DataError(where, "messages", "a prefix of the conversation does not encode as a prefix "
-                            "of the whole (a system message after an assistant turn?)")
-        mask[len(prompt):end] = [True] * len(response)
+    for start, end, index in responses:
+        if index >= text.first_trained:
+            mask[start:end] = [True] * (end - start)
     return ids, mask
 
 
@@ -431,7 +430,7 @@ class PreferenceDataset(_TokenizedDataset):
 
     @classmethod
     def from_records(cls, records: Source, tokenizer: Tokenizer, *, max_len: int, max_prompt_len: int,
-                     chat_template: bool = True, format: str = "auto") -> PreferenceDataset:
+                     format: str = "auto") -> PreferenceDataset:
         """Tokenize records (dicts in memory, or a JSONL path): the one code path for every source."""
         _check_lengths(max_len, max_prompt_len)
         pairs, stats = [], _new_stats()
@@ -441,7 +440,7 @@ class PreferenceDataset(_TokenizedDataset):
             if not text.chosen.strip() or not text.rejected.strip():
                 stats["skipped_empty"] += 1
                 continue
-            prompt, chosen, rejected = _encode_pair(text, tokenizer, chat_template, where)
+            prompt, chosen, rejected = _encode_pair(text, tokenizer, where)
             prompt, (chosen, rejected), prompt_cut, response_cut = truncate(
                 prompt, [chosen, rejected], max_len=max_len, max_prompt_len=max_prompt_len,
                 bos_id=tokenizer.bos_id)
@@ -461,7 +460,7 @@ class SFTDataset(_TokenizedDataset):
 
     @classmethod
     def from_records(cls, records: Source, tokenizer: Tokenizer, *, max_len: int, max_prompt_len: int,
-                     chat_template: bool = True, format: str = "auto") -> SFTDataset:
+                     format: str = "auto") -> SFTDataset:
         _check_lengths(max_len, max_prompt_len)
         examples, stats = [], _new_stats()
         for text, where in read_sft(records, format):
@@ -470,7 +469,7 @@ class SFTDataset(_TokenizedDataset):
             if not last.strip():
                 stats["skipped_empty"] += 1
                 continue
-            ids, mask = _encode_sft(text, tokenizer, chat_template, where)
+            ids, mask = _encode_sft(text, tokenizer, where)
             # The "prompt" for truncation is everything before the first trained token.
             first = mask.index(True)
             prompt, (response,), prompt_cut, response_cut = truncate(
@@ -485,16 +484,15 @@ class SFTDataset(_TokenizedDataset):
 
 
 def load_preference_data(path: str | Path, tokenizer: Tokenizer, *, max_len: int, max_prompt_len: int,
-                         chat_template: bool = True, format: str = "auto") -> PreferenceDataset:
+                         format: str = "auto") -> PreferenceDataset:
     return PreferenceDataset.from_records(Path(path), tokenizer, max_len=max_len,
-                                          max_prompt_len=max_prompt_len, chat_template=chat_template,
-                                          format=format)
+                                          max_prompt_len=max_prompt_len, format=format)
 
 
 def load_sft_data(path: str | Path, tokenizer: Tokenizer, *, max_len: int, max_prompt_len: int,
-                  chat_template: bool = True, format: str = "auto") -> SFTDataset:
+                  format: str = "auto") -> SFTDataset:
     return SFTDataset.from_records(Path(path), tokenizer, max_len=max_len, max_prompt_len=max_prompt_len,
-                                   chat_template=chat_template, format=format)
+                                   format=format)
 
 
 # -------------------------------------------------------------------------------------- collation

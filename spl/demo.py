@@ -163,18 +163,23 @@ def run_demo(cfg: Config, env) -> dict:
     from spl.lora import apply_lora
     from spl.model import Transformer
     from spl.tokenizer import Tokenizer
-    from spl.trainer import DistEnv, Trainer, print0
+    from spl.trainer import DistEnv, Trainer, TrainingError, print0
 
     out = Path(cfg.train.out_dir)
     ref_dir = out / "reference"
     tok_path = ref_dir / "tokenizer.model"
-    data_kw = dict(max_len=cfg.data.max_len, max_prompt_len=cfg.data.max_prompt_len, chat_template=False)
+    data_kw = dict(max_len=cfg.data.max_len, max_prompt_len=cfg.data.max_prompt_len)
+    # The demo's prompts are plain text; saved so that sample.py and evaluate.py pose them the same way.
+    if cfg.data.chat_template not in ("auto", "none"):
+        raise TrainingError("the embedded demo trains on plain text: data.chat_template must be auto or "
+                            f"none, got {cfg.data.chat_template!r}")
+    cfg.data.chat_template = "none"
     if not (ref_dir / "config.json").is_file() and env.is_main:
         # Stage 1: the reference policy, full fine-tuning from random weights. Rank 0 alone fits it
         # (seconds) and the others wait: identical on every launch, and no sharding of a toy model.
         fresh = out / "reference_run" / "tokenizer.model"
         train_demo_tokenizer(fresh)
-        tok = Tokenizer(fresh)
+        tok = Tokenizer(fresh, "none")
         torch.manual_seed(cfg.train.seed)
         model = Transformer(demo_model_config(tok.vocab_size, cfg.model.preset)).to(env.device)
         sft_cfg = replace(cfg, lora=replace(cfg.lora, enabled=False),
@@ -187,7 +192,7 @@ def run_demo(cfg: Config, env) -> dict:
         save_model(model, model.cfg, ref_dir, overwrite=True)
         (ref_dir / "tokenizer.model").write_bytes(fresh.read_bytes())
     _barrier(env)
-    tok = Tokenizer(tok_path)
+    tok = Tokenizer(tok_path, "none")
     model, _ = load_model(ref_dir, device=env.device)
     ref_dists = answer_distributions(model, tok)
     # Stage 2: SPL with LoRA; the reference is the same weights with adapters disabled.

@@ -490,6 +490,7 @@ def _model_fingerprint(model: nn.Module) -> str:
 
 def run(cfg: Config, env: DistEnv) -> dict:
     """Build tokenizer, model, adapters and data from ``cfg`` and train: train.py on real data."""
+    from spl.chat_templates import set_chat_template
     from spl.checkpoint import check_tokenizer_vocab
     from spl.data import load_preference_data, load_sft_data
     from spl.lora import apply_lora, parameter_summary
@@ -503,6 +504,9 @@ def run(cfg: Config, env: DistEnv) -> dict:
     if not tok_path.is_file():
         raise TrainingError(f"tokenizer not found: {tok_path} (set model.tokenizer)")
     tok = Tokenizer(tok_path)
+    # Before the model loads: a template the checkpoint contradicts fails in a second, not a minute.
+    print0(env, set_chat_template(tok, cfg.data.chat_template, checkpoint=m.checkpoint))
+    cfg.data.chat_template = tok.chat_template.name  # the resolved name is saved with every checkpoint
     # Frozen LoRA bases may live in bf16 on CUDA; trained full weights stay fp32 (autocast computes in bf16).
     cuda = env.device.type == "cuda"
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(
@@ -516,8 +520,7 @@ def run(cfg: Config, env: DistEnv) -> dict:
     else:
         model.requires_grad_(True)
     print0(env, parameter_summary(model))
-    kw = dict(max_len=cfg.data.max_len, max_prompt_len=cfg.data.max_prompt_len,
-              chat_template=cfg.data.chat_template, format=cfg.data.format)
+    kw = dict(max_len=cfg.data.max_len, max_prompt_len=cfg.data.max_prompt_len, format=cfg.data.format)
     load = load_sft_data if t.mode == "sft" else load_preference_data
     train_data = load(cfg.data.train_path, tok, **kw)
     eval_data = load(cfg.data.eval_path, tok, **kw) if cfg.data.eval_path else None

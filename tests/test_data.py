@@ -41,8 +41,7 @@ S = lambda text: {"role": "system", "content": text}
 HERE = Where("<records>", 1)
 
 
-@pytest.fixture(scope="module")
-def tok() -> Tokenizer:
+def v1_model() -> Path:
     # find_spec locates the package without importing it (and its numpy pin) into the test process.
     spec = importlib.util.find_spec("mistral_common")
     if spec is None or spec.origin is None:
@@ -50,7 +49,18 @@ def tok() -> Tokenizer:
     path = Path(spec.origin).parent / "data" / "tokenizer.model.v1"
     if not path.is_file():
         pytest.skip(f"mistral-common has no v1 tokenizer at {path}")
-    return Tokenizer(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tok() -> Tokenizer:
+    return Tokenizer(v1_model(), "mistral-v1")
+
+
+@pytest.fixture(scope="module")
+def raw_tok() -> Tokenizer:
+    """The same vocabulary with plain-text prompts (chat template "none")."""
+    return Tokenizer(v1_model(), "none")
 
 
 def parse_one(record: dict) -> PreferenceText:
@@ -130,7 +140,7 @@ def test_hh_prompt_messages() -> None:
     assert all(m["content"] == m["content"].strip() != "" for m in parsed[120].prompt)
 
 
-def test_hh_dataset_skips_and_tokens(tok: Tokenizer) -> None:
+def test_hh_dataset_skips_and_tokens(tok: Tokenizer, raw_tok: Tokenizer) -> None:
     ds = load_preference_data(HH_RAW, tok, max_len=4096, max_prompt_len=2048)
     # 721 is identical; 120 and 740 have an empty rejected response.
     assert ds.stats == {"read": 40, "kept": 37, "skipped_identical": 1, "skipped_empty": 2,
@@ -139,25 +149,25 @@ def test_hh_dataset_skips_and_tokens(tok: Tokenizer) -> None:
     pair = ds[0]
     assert pair.prompt_ids + pair.chosen_ids == tok.encode_chat([*text.prompt, A(text.chosen)])
     assert pair.chosen_ids[-1] == pair.rejected_ids[-1] == tok.eos_id
-    raw = load_preference_data(HH_RAW, tok, max_len=4096, max_prompt_len=2048, chat_template=False)
+    raw = load_preference_data(HH_RAW, raw_tok, max_len=4096, max_prompt_len=2048)
     assert raw[0].prompt_ids == tok.encode(text.prompt_text, bos=True)
     assert raw[0].chosen_ids == tok.encode(text.chosen, eos=True)
 
 
 # ------------------------------------------------------------------------------------ tokenization
 
-def test_chat_template_and_raw_tokens(tok: Tokenizer) -> None:
+def test_chat_template_and_raw_tokens(tok: Tokenizer, raw_tok: Tokenizer) -> None:
     records = [{"prompt": "What is 2+2?", "chosen": "4.", "rejected": "5."}]
     pair = PreferenceDataset.from_records(records, tok, max_len=64, max_prompt_len=32)[0]
     assert pair.prompt_ids == tok.encode_prompt([U("What is 2+2?")])
     assert pair.chosen_ids == tok.encode("4.", eos=True)
     assert tok.decode(pair.prompt_ids) == "[INST] What is 2+2? [/INST]"
-    raw = PreferenceDataset.from_records(records, tok, max_len=64, max_prompt_len=32, chat_template=False)[0]
+    raw = PreferenceDataset.from_records(records, raw_tok, max_len=64, max_prompt_len=32)[0]
     assert raw.prompt_ids == [tok.bos_id, *tok.encode("What is 2+2?")]
     assert raw.rejected_ids == [*tok.encode("5."), tok.eos_id]
-    with pytest.raises(DataError, match="chat_template=False needs a plain-string prompt"):
-        PreferenceDataset.from_records([{"prompt": [U("q")], "chosen": "a", "rejected": "b"}], tok,
-                                       max_len=64, max_prompt_len=32, chat_template=False)
+    with pytest.raises(DataError, match="chat template 'none' needs a plain-string prompt"):
+        PreferenceDataset.from_records([{"prompt": [U("q")], "chosen": "a", "rejected": "b"}], raw_tok,
+                                       max_len=64, max_prompt_len=32)
 
 
 def test_truncate_keeps_bos_and_prompt_end() -> None:
@@ -176,11 +186,12 @@ def test_truncate_keeps_bos_and_prompt_end() -> None:
     assert cut([1, 10, 11], [[20]], 3, 1) == ([1], [[20]], True, False)
 
 
-def test_truncation_counts(tok: Tokenizer) -> None:
+def test_truncation_counts(raw_tok: Tokenizer) -> None:
+    tok = raw_tok
     long_prompt = " ".join(f"word{i}" for i in range(40))
     records = [{"prompt": long_prompt, "chosen": "short", "rejected": "a much longer answer " * 10},
                {"prompt": "hi", "chosen": "a", "rejected": "b"}]
-    ds = PreferenceDataset.from_records(records, tok, max_len=24, max_prompt_len=10, chat_template=False)
+    ds = PreferenceDataset.from_records(records, tok, max_len=24, max_prompt_len=10)
     full_prompt = tok.encode(long_prompt, bos=True)
     pair = ds[0]
     assert pair.prompt_ids == [tok.bos_id, *full_prompt[-9:]]
@@ -311,9 +322,10 @@ def test_sft_masks(tok: Tokenizer) -> None:
     assert ds[0].input_ids == tok.encode_chat(records[0]["messages"])
 
 
-def test_load_sft_raw_and_truncation(tmp_path: Path, tok: Tokenizer) -> None:
+def test_load_sft_raw_and_truncation(tmp_path: Path, raw_tok: Tokenizer) -> None:
+    tok = raw_tok
     path = write_lines(tmp_path, [json.dumps({"prompt": "p " * 30, "response": "r " * 30})])
-    ds = load_sft_data(path, tok, max_len=20, max_prompt_len=8, chat_template=False)
+    ds = load_sft_data(path, tok, max_len=20, max_prompt_len=8)
     example = ds[0]
     assert len(example.input_ids) == 20 and example.input_ids[0] == tok.bos_id
     assert example.response_mask == [False] * 8 + [True] * 12

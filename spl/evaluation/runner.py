@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from spl.chat_templates import CHOICES as CHAT_TEMPLATES
 from spl.evaluation import suites
 from spl.evaluation.datasets import load_global_opinions, load_mmlu, load_truthfulqa_mc1
 from spl.evaluation.plots import plot_diversity_quality, plot_pass_at_k, plot_reliability
@@ -63,7 +64,7 @@ class EvalConfig:
     checkpoints: list[str] = field(default_factory=list)  # empty: runs/demo (unless --completions alone)
     adapter: str | None = None  # an extra PEFT adapter over the (single) checkpoint
     tokenizer: str | None = None
-    chat_template: str = "auto"  # auto (follow the run's training data), yes, no
+    chat_template: str = "auto"  # auto (as each checkpoint was trained) or a name in spl.chat_templates
     suites: list[str] | None = None
     out: str | None = None
     num_samples: int = 16  # responses per diversity prompt (§4.1)
@@ -116,8 +117,9 @@ class EvalConfig:
             raise EvaluationError(f"--method must be auto, smc or resample, got {self.method!r}")
         if self.adapter is not None and len(self.checkpoints) > 1:
             raise EvaluationError("--adapter goes over a single --checkpoint (its base model)")
-        if self.chat_template not in ("auto", "yes", "no"):
-            raise EvaluationError(f"--chat-template must be auto, yes or no, got {self.chat_template!r}")
+        if self.chat_template not in CHAT_TEMPLATES:
+            raise EvaluationError(f"--chat-template must be one of {', '.join(CHAT_TEMPLATES)}, "
+                                  f"got {self.chat_template!r}")
         if self.device == "auto":
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
         if self.dtype == "auto":
@@ -204,7 +206,8 @@ def run_evaluation(cfg: EvalConfig) -> dict:
 
     # Models shared by every checkpoint: the reward model and a separate reference.
     scorers = suites.Scorers()
-    load_kw = dict(chat_template=cfg.chat_template, device=cfg.device, dtype=cfg.torch_dtype)
+    load_kw = dict(chat_template=cfg.chat_template, follows_policy=True, device=cfg.device,
+                   dtype=cfg.torch_dtype)
     if "diversity" in chosen:
         if cfg.reward_model:
             scorers.reward = load_eval_model(cfg.reward_model, name="reward model", **load_kw)
@@ -240,13 +243,14 @@ def run_evaluation(cfg: EvalConfig) -> dict:
         em = load_eval_model(path, name=name, adapter=cfg.adapter, tokenizer=cfg.tokenizer,
                              chat_template=cfg.chat_template, device=cfg.device, dtype=cfg.torch_dtype)
         meta.setdefault("models", {})[name] = {
-            "path": path, "weights": str(em.source), "chat_template": em.chat, "has_adapter": em.has_adapter,
+            "path": path, "weights": str(em.source), "chat_template": em.tokenizer.chat_template.name,
+            "has_adapter": em.has_adapter,
             "global_temperature": _temperature_label(em) or None}
         print(f"evaluate: {name} ({em.source}), suites {', '.join(chosen)}")
         for other in (scorers.reward, scorers.reference):
-            # A bare model directory has no training config to say how it reads prompts: as the policy.
-            if other is not None and other.config is None and cfg.chat_template == "auto":
-                other.chat = em.chat
+            # A checkpoint that does not say how it reads prompts reads them as the policy does.
+            if other is not None:
+                other.follow(em)
 
         if "demo" in chosen:
             result = suites.demo_suite(em)

@@ -98,7 +98,7 @@ class EvalModel:
     path: Path  # what the user passed
     model: torch.nn.Module
     tokenizer: Tokenizer
-    chat: bool  # True: Mistral chat template; False: bos + plain text
+    chat: bool  # True: the tokenizer's chat template poses prompts as messages; False: bos + raw text
     has_adapter: bool = False
     reward_head: torch.Tensor | None = None  # (1, D) for reward-mode runs
     config: dict | None = None  # the run's config.yaml, when it has one
@@ -118,32 +118,49 @@ class EvalModel:
             return self.tokenizer.encode_prompt(prompt.messages)
         return self.tokenizer.encode(prompt.text, bos=True)
 
+    def follow(self, policy: EvalModel) -> None:
+        """Pose prompts as ``policy`` does, when this model's checkpoint did not say how."""
+        from spl.chat_templates import ChatTemplateError
+
+        if self.tokenizer.chat_template is None:
+            try:
+                self.tokenizer.chat_template = policy.tokenizer.chat_template.name
+            except ChatTemplateError as e:
+                raise EvaluationError(f"{self.name}: {e}") from None
+            self.chat = policy.chat
+
     def same_encoding(self, other: EvalModel) -> bool:
         """Whether ``other`` turns text into the same ids (tokenizer file and prompt format)."""
-        return (self.chat == other.chat
+        return (self.chat == other.chat and self.tokenizer.chat_template == other.tokenizer.chat_template
                 and self.tokenizer.path.read_bytes() == other.tokenizer.path.read_bytes())
 
 
 def load_eval_model(path: str | Path, *, name: str | None = None, adapter: str | Path | None = None,
                     tokenizer: str | Path | None = None, chat_template: str = "auto",
-                    device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> EvalModel:
+                    follows_policy: bool = False, device: torch.device | str = "cpu",
+                    dtype: torch.dtype = torch.float32) -> EvalModel:
     """Load a run, step, HF or original model directory for evaluation (``load_for_inference``).
 
-    ``chat_template`` "auto" follows the run's own training data: the chat template when its
-    config.yaml says ``data.chat_template: true`` and it trained on a data file (the demo trains
-    on plain strings), plain text for the demo and for bare model directories.
+    ``chat_template`` is a name from spl.chat_templates or "auto": as the checkpoint was trained
+    (its run's config.yaml, its tokenizer_config.json, its tokenizer's control tokens). Under
+    "none" prompts are bos + raw text (HH-RLHF's "\\n\\nHuman: ...\\n\\nAssistant:").
+    With ``follows_policy`` (a reward model or reference) a checkpoint that says nothing is left
+    without a template, for ``EvalModel.follow`` to give it the policy's.
     """
+    from spl.chat_templates import CHOICES, ChatTemplateError, ChatTemplateUndecided, set_chat_template
     from spl.trainer import load_for_inference
 
-    if chat_template not in ("auto", "yes", "no"):
-        raise EvaluationError(f"--chat-template must be auto, yes or no, got {chat_template!r}")
+    if chat_template not in CHOICES:
+        raise EvaluationError(f"--chat-template must be one of {', '.join(CHOICES)}, got {chat_template!r}")
     loaded = load_for_inference(path, adapter=adapter, tokenizer=tokenizer, device=device, dtype=dtype)
     config = read_run_config(path)
-    if chat_template == "auto":
-        chat = (config is not None and not is_demo_config(config)
-                and bool(config.get("data", {}).get("chat_template", False)))
-    else:
-        chat = chat_template == "yes"
+    try:
+        print(f"evaluate: {name or Path(path).name}: " + set_chat_template(
+            loaded.tokenizer, chat_template, checkpoint=loaded.source, base=loaded.base, adapter=adapter))
+    except ChatTemplateError as e:
+        if not (follows_policy and isinstance(e, ChatTemplateUndecided)):
+            raise EvaluationError(str(e)) from None
+    chat = loaded.tokenizer.chat_template is not None and loaded.tokenizer.chat_template.name != "none"
     return EvalModel(name or Path(path).name, Path(path), loaded.model, loaded.tokenizer, chat,
                      loaded.has_adapter, loaded.reward_head, config, loaded.source)
 
