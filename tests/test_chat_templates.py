@@ -411,3 +411,69 @@ def test_auto_prefers_the_runs_saved_config(tmp_path: Path) -> None:
 
 def test_choices() -> None:
     assert CHOICES == ("auto", "mistral-v1", "mistral-v3", "zephyr", "none")
+
+
+# ------------------------------------------------------------------------- scripts end to end
+
+def test_paper_configs_name_their_templates(tmp_path: Path) -> None:
+    from spl.config import load_config
+
+    root = Path(__file__).resolve().parent.parent
+    data = tmp_path / "d.jsonl"
+    data.write_text("{}\n")
+    expected = {"hh_rlhf_spl.yaml": "mistral-v1", "hh_rlhf_reward.yaml": "mistral-v1",
+                "ultrafeedback_spl.yaml": "zephyr"}  # §4.2's base, mistral-7b-sft-beta, is a Zephyr SFT
+    for name, template in expected.items():
+        overrides = [f"model.checkpoint={tmp_path}", f"data.train_path={data}"]
+        cfg = load_config(root / "configs" / name, overrides)
+        assert cfg.data.chat_template == template
+
+
+@pytest.fixture(scope="module")
+def zephyr_model(tmp_path_factory) -> Path:
+    """A tiny random Mistral in the HF layout with the v1 tokenizer and Zephyr's tokenizer_config.json,
+    as HuggingFaceH4/mistral-7b-sft-beta ships them."""
+    import torch
+
+    from spl.checkpoint import save_model
+    from spl.config import ModelConfig
+    from spl.model import Transformer
+
+    cfg = ModelConfig(dim=32, n_layers=1, head_dim=8, hidden_dim=64, n_heads=4, n_kv_heads=2,
+                      vocab_size=32000, rope_theta=1e4, max_seq_len=512)
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("zephyr") / "model"
+    save_model(Transformer(cfg), cfg, out)
+    shutil.copy(model_file("v1"), out / "tokenizer.model")
+    config = {"tokenizer_class": "LlamaTokenizer", "chat_template": ZEPHYR_JINJA}
+    (out / "tokenizer_config.json").write_text(json.dumps(config))
+    return out
+
+
+def test_scripts_resolve_print_save_and_refuse(zephyr_model: Path, tmp_path: Path) -> None:
+    from tests.conftest import ROOT, run_script
+
+    hh = ROOT / "tests" / "fixtures" / "hh_rlhf_sample.jsonl"
+    out = tmp_path / "run"
+    args = ["train.py", f"model.checkpoint={zephyr_model}", f"data.train_path={hh}", "data.max_len=96",
+            "data.max_prompt_len=64", "train.batch_size=2", "train.micro_batch_size=2", "train.max_steps=1",
+            "train.warmup_steps=0"]
+    res = run_script([*args, f"train.out_dir={out}"])
+    source = zephyr_model / "tokenizer_config.json"
+    assert f"chat template: zephyr ({source} holds its chat_template)" in res.stdout
+    step = out / "checkpoints" / "step_0000001"
+    for config in (out / "config.yaml", step / "config.yaml"):
+        assert "chat_template: zephyr" in config.read_text()
+    # sample.py reads the run's saved config; a contradicting choice is refused naming both.
+    res = run_script(["sample.py", "--checkpoint", str(out), "--prompt", "Hi", "--max-new-tokens", "2"])
+    assert f"chat template: zephyr ({step / 'config.yaml'} trained with it)" in res.stderr
+    bad = run_script(["sample.py", "--checkpoint", str(out), "--prompt", "Hi", "--chat-template",
+                      "mistral-v3"], check=False)
+    assert bad.returncode == 1 and "'mistral-v3'" in bad.stderr and "tokenizer.model" in bad.stderr
+    assert "Traceback" not in bad.stderr
+    # train.py refuses before loading the model; evaluate.py checks the name before anything.
+    bad = run_script([*args, f"train.out_dir={tmp_path / 'bad'}", "data.chat_template=mistral-v3"],
+                     check=False)
+    assert bad.returncode == 1 and "does not fit tokenizer" in bad.stderr and "Traceback" not in bad.stderr
+    bad = run_script(["evaluate.py", "--checkpoint", str(out), "--chat-template", "chatml"], check=False)
+    assert bad.returncode == 2 and "--chat-template" in bad.stderr
