@@ -24,7 +24,8 @@ How a template is encoded:
   for this vocabulary ranks BPE merges by SentencePiece score, so it encodes a span exactly as
   SentencePiece does, runs of spaces included.)
 - Mistral merges consecutive messages of one role with "\\n\\n" and folds all system messages into
-  one user turn (the FIRST for v1, the LAST for v3: mistral-common 1.13 does exactly this). Zephyr
+  one user turn (the FIRST for v1, the LAST for v3: mistral-common 1.13 does exactly this); v3 also
+  drops trailing spaces from replies. Zephyr
   writes every message as its own turn, and puts an empty system turn first when none leads, as
   the alignment-handbook recipe that trained mistral-7b-sft-beta did.
 - The response of a conversation is its final assistant turn from the first token of its text to
@@ -45,9 +46,12 @@ import json
 from dataclasses import dataclass
 from itertools import groupby
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import yaml
+
+if TYPE_CHECKING:
+    from spl.tokenizer import Tokenizer
 
 Message = dict[str, str]
 ROLES = ("user", "assistant", "system")
@@ -80,6 +84,8 @@ class SentencePiece(Protocol):
 
 @dataclass(frozen=True)
 class ChatTemplate:
+    """One format, as data: what each turn writes and how the encoder treats it."""
+
     name: str
     models: str  # what was trained with it (shown in messages and the README)
     user: tuple  # parts of a user turn
@@ -96,7 +102,7 @@ class ChatTemplate:
     single_exchange: bool = False  # exactly one user message and at most one assistant reply
     text_pieces: tuple[str, ...] = ()  # written as text: refused if the tokenizer makes them control tokens
     jinja_markers: tuple[str, ...] = ()  # all occur in a tokenizer_config.json chat_template of this format
-    jinja_excludes: tuple[str, ...] = ()  # none occurs in it (formats with similar markers)
+    jinja_excludes: tuple[str, ...] = ()  # none occurs in it (similar formats: Llama-2, Phi-3, ChatML)
 
 
 TEMPLATES: dict[str, ChatTemplate] = {t.name: t for t in (
@@ -308,7 +314,7 @@ def resolve_chat_template(choice: str, tok: SentencePiece,
     return name, why
 
 
-def set_chat_template(tok, choice: str, *, checkpoint: str | Path | None = None,
+def set_chat_template(tok: Tokenizer, choice: str, *, checkpoint: str | Path | None = None,
                       base: str | Path | None = None, adapter: str | Path | None = None) -> str:
     """Resolve ``choice`` for a checkpoint, set it on ``tok`` (an spl.tokenizer.Tokenizer) and return
     the line to print. ``checkpoint``: the run's step directory or the model directory; ``base``: the

@@ -322,6 +322,24 @@ def test_sft_masks(tok: Tokenizer) -> None:
     assert ds[0].input_ids == tok.encode_chat(records[0]["messages"])
 
 
+def test_the_tokenizers_template_decides_the_tokens() -> None:
+    """mistral-v3 puts the system prompt on the LAST user turn, so the first reply's context differs
+    from a shorter conversation's; SFT masks come from one encoding of the whole conversation."""
+    v3 = Tokenizer(v1_model().with_name("mistral_instruct_tokenizer_240323.model.v3"), "mistral-v3")
+    messages = [S("Be brief."), U("Hi"), A("Hello."), U("Bye"), A("Bye!")]
+    example = SFTDataset.from_records([{"messages": messages}], v3, max_len=64, max_prompt_len=32)[0]
+    assert example.input_ids == v3.encode_chat(messages)
+    ids, mask = example.input_ids, example.response_mask
+    spans = [i for i in range(len(ids)) if mask[i] and (i == 0 or not mask[i - 1])]
+    assert [v3.decode(ids[i:ids.index(v3.eos_id, i) + 1]) for i in spans] == ["Hello.", "Bye!"]
+    zephyr = Tokenizer(v1_model(), "zephyr")
+    pair = PreferenceDataset.from_records([{"prompt": "Hi", "chosen": "Yes.", "rejected": "No."}], zephyr,
+                                          max_len=64, max_prompt_len=32)[0]
+    assert pair.prompt_ids == zephyr.encode_prompt([U("Hi")])
+    assert zephyr.decode(pair.prompt_ids).endswith("<|user|>\nHi \n<|assistant|>\n")
+    assert pair.chosen_ids == zephyr.encode_prompt_response([U("Hi"), A("Yes.")])[1]
+
+
 def test_load_sft_raw_and_truncation(tmp_path: Path, raw_tok: Tokenizer) -> None:
     tok = raw_tok
     path = write_lines(tmp_path, [json.dumps({"prompt": "p " * 30, "response": "r " * 30})])
