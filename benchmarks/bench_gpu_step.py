@@ -279,8 +279,9 @@ def main() -> None:
     print(text)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "gpu_step.md").write_text(text + "\n")
-    print(f"\nwrote {out / 'gpu_step.md'}")
+    name = "gpu_step.md" if ckpt else "gpu_step_no_checkpointing.md"
+    (out / name).write_text(text + "\n")
+    print(f"\nwrote {out / name}")
 
 
 if __name__ == "__main__":
