@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU checks, one script: correctness first (run side by side), then benchmarks (one at a time).
 #
-#   bash benchmarks/gpu.sh [quick]     # outputs under $OUT if set, else benchmarks/out/
+#   bash benchmarks/gpu.sh [quick]     # outputs under $GPU_OUT, else $OUT, else benchmarks/out/
 #
 # Needs a CUDA GPU and a Python with torch, triton, pytest and transformers (no network), and a
 # Mistral v1 tokenizer.model at $SPL_TOKENIZER (mistral-common ships one; default .gpu/tokenizer.model.v1).
@@ -11,7 +11,7 @@
 # about half that.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT_DIR="${OUT:-benchmarks/out}"
+OUT_DIR="${GPU_OUT:-${OUT:-benchmarks/out}}"
 mkdir -p "$OUT_DIR"
 SUMMARY="$OUT_DIR/summary.txt"
 : > "$SUMMARY"
