@@ -77,6 +77,9 @@ run gpu_step 120 python benchmarks/bench_gpu_step.py --out "$OUT_DIR" || status=
 if [ "$MODE" != quick ]; then
     run gpu_step_no_checkpointing 120 python benchmarks/bench_gpu_step.py --no-checkpointing \
         --out "$OUT_DIR" || status=1
+    # configs/ultrafeedback_spl.yaml's step: LoRA r64, 4 pairs x 1024 tokens.
+    run gpu_step_ultrafeedback 120 python benchmarks/bench_gpu_step.py --pairs 4 --prompt-len 512 \
+        --response-len 512 --lora-rank 64 --name gpu_step_ultrafeedback.md --out "$OUT_DIR" || status=1
 fi
 # 6. Generation: ours vs transformers (dynamic and static cache, compile off), Mistral-7B shape, bf16.
 run generate 150 python benchmarks/bench_generate.py --repeats "$GEN_REPEATS" \
