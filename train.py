@@ -22,6 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     from spl.checkpoint import CheckpointError
     from spl.config import ConfigError, load_config
     from spl.data import DataError
+    from spl.reporting import ReportingError
     from spl.trainer import TrainingError, init_distributed, run
 
     path = argv[0] if argv and "=" not in argv[0] else None
@@ -39,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
             run_demo(cfg, env)
         else:
             run(cfg, env)
-    except (TrainingError, DataError, CheckpointError) as e:
+    except (TrainingError, DataError, CheckpointError, ReportingError) as e:
         print(f"train.py: {e}", file=sys.stderr)
         return 1
     finally:
