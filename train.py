@@ -23,6 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     from spl.checkpoint import CheckpointError
     from spl.config import ConfigError, load_config
     from spl.data import DataError
+    from spl.reporting import ReportingError
     from spl.trainer import TrainingError, init_distributed, run
 
     path = argv[0] if argv and "=" not in argv[0] else None
@@ -40,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
             run_demo(cfg, env)
         else:
             run(cfg, env)
-    except (TrainingError, DataError, CheckpointError, ChatTemplateError) as e:
+    except (TrainingError, DataError, CheckpointError, ReportingError, ChatTemplateError) as e:
         print(f"train.py: {e}", file=sys.stderr)
         return 1
     finally:

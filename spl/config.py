@@ -8,15 +8,21 @@ one to one; ``spl/checkpoint.py`` translates Hugging Face's ``config.json``.
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 import types
 import typing
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 
 import yaml
 
 from spl.chat_templates import CHOICES as CHAT_TEMPLATES
+
+# The losses spl/losses.py implements (kept in step by tests/test_losses.py; importing it would pull
+# torch into every config check) and the logging backends spl/reporting.py drives.
+DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+REPORT_TO = ("tensorboard", "wandb")
 
 
 class ConfigError(ValueError):
@@ -159,6 +165,9 @@ class TrainConfig:
     mode: str = "spl"  # sft | spl (DPO when alpha == beta) | reward
     alpha: float = 1.0  # SPL entropy weight (paper eq. 5); alpha/beta is the global temperature
     beta: float = 0.1  # SPL cross-entropy weight toward the reference
+    # reverse_kl: SPL (above). Any other is f-DPO (App. B baseline, spl/losses.py), alpha == beta.
+    divergence: str = "reverse_kl"  # reverse_kl | forward_kl | js_divergence | alpha_divergence
+    divergence_alpha: float = 0.5  # alpha_divergence's a: 0 reverse KL ... 1 forward KL (TRL's coef is 1 - a)
     lr: float = 1e-3
     weight_decay: float = 0.0
     warmup_steps: int = 20
@@ -179,9 +188,12 @@ class TrainConfig:
     keep_checkpoints: int = 2
     out_dir: str = "runs/demo"
     resume: bool = False  # continue from out_dir's latest checkpoint
+    report_to: list[str] = field(default_factory=list)  # also log to: tensorboard, wandb (spl/reporting.py)
 
     def __post_init__(self) -> None:
         _choice("train.mode", self.mode, ("sft", "spl", "reward"))
+        self._check_divergence()
+        self._check_report_to()
         _choice("train.schedule", self.schedule, ("cosine", "linear", "constant"))
         _choice("train.precision", self.precision, ("auto", "fp32", "bf16"))
         _choice("train.logprob_impl", self.logprob_impl, ("auto", "plain", "chunked", "triton"))
@@ -196,6 +208,34 @@ class TrainConfig:
             raise ConfigError("train.warmup_steps, train.weight_decay and train.grad_clip must be >= 0")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError(f"train.min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio}")
+
+    def _check_divergence(self) -> None:
+        _choice("train.divergence", self.divergence, DIVERGENCES)
+        if not 0 <= self.divergence_alpha <= 1:
+            raise ConfigError(f"train.divergence_alpha must lie in [0, 1] (0: reverse KL, 1: forward KL), "
+                              f"got {self.divergence_alpha}")
+        if self.divergence == "reverse_kl":
+            return
+        if self.mode != "spl":
+            raise ConfigError(f"train.divergence={self.divergence} is a preference loss (f-DPO); "
+                              f"train.mode={self.mode} has none, so leave train.divergence=reverse_kl")
+        if self.alpha != self.beta:
+            # SPL splits the reverse KL into entropy (alpha) and cross-entropy (beta); an f-divergence
+            # has no such split, so f-DPO has one weight. Refuse rather than ignore alpha.
+            raise ConfigError(f"train.divergence={self.divergence} is f-DPO, whose only weight is "
+                              f"train.beta; set train.alpha equal to train.beta (got alpha={self.alpha}, "
+                              f"beta={self.beta}). SPL's separate alpha needs train.divergence=reverse_kl")
+
+    def _check_report_to(self) -> None:
+        for name in self.report_to:
+            _choice("train.report_to entry", name, REPORT_TO)
+        if len(set(self.report_to)) != len(self.report_to):
+            raise ConfigError(f"train.report_to lists a backend twice: {self.report_to}")
+        # Checked here, before any weights load; the package is imported only when the run starts.
+        missing = [name for name in self.report_to if importlib.util.find_spec(name) is None]
+        if missing:
+            raise ConfigError(f"train.report_to={self.report_to}: {', '.join(missing)} not installed; "
+                              f"pip install {' '.join(missing)}, or remove it from train.report_to")
 
 
 @dataclass
@@ -261,7 +301,7 @@ def _build(cls, values: dict, prefix: str):
             continue
         value = values[name]
         sub = f.default_factory if f.default_factory is not MISSING else None
-        if sub is not None and isinstance(sub, type):  # a nested section
+        if sub is not None and is_dataclass(sub):  # a nested section (not a list default)
             if not isinstance(value, dict):
                 raise ConfigError(f"{prefix}{name} must be a mapping, got {value!r}")
             kwargs[name] = _build(sub, value, f"{prefix}{name}.")

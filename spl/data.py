@@ -43,6 +43,7 @@ import hashlib
 import json
 import os
 import re
+import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +58,10 @@ HH_MARKER = "\n\nAssistant:"
 HH_TURN = re.compile(r"\n\n(Human|Assistant):")  # only "\n\n"-led markers: idx 355 has a bare "Human:"
 HH_ROLES = {"Human": "user", "Assistant": "assistant"}
 Source = str | Path | Iterable[dict]  # a JSONL path, or records already in memory
+# One JSONL record may hold at most this many bytes (4 MiB): ~7x a preference record filling a
+# 32k-token context with every character \u-escaped (~9 bytes a token, two sides), yet a runaway
+# line is refused before it costs seconds and hundreds of MB to parse and tokenize.
+MAX_LINE_BYTES = 4 * 2**20
 
 
 class Where(NamedTuple):
@@ -109,17 +114,37 @@ class SFTExample:
 
 # ---------------------------------------------------------------------------------------- reading
 
-def read_jsonl(path: str | Path) -> Iterator[tuple[dict, Where]]:
-    """Yield (record, where) for each non-blank line; invalid JSON or a non-object is a DataError."""
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
+def read_jsonl(path: str | Path, max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[tuple[dict, Where]]:
+    """Yield (record, where) for each non-blank line; a line that is not UTF-8, not a JSON object,
+    nested past the parser's depth or longer than ``max_line_bytes`` is a DataError naming it.
+
+    Lines are read as bytes and at most ``max_line_bytes`` at a time, so one runaway line (a file
+    missing its newlines, a dumped blob) costs that cap, not its size, before it is refused; a line
+    is decoded on its own, so a stray non-UTF-8 byte names its line instead of ending the read.
+    """
+    with open(path, "rb") as f:
+        line_no = 0
+        # + 2: a line at the cap is read whole with its "\r\n", and a longer one shows as longer.
+        while raw := f.readline(max_line_bytes + 2):
+            line_no += 1
+            where = Where(str(path), line_no)
+            if len(raw.rstrip(b"\r\n")) > max_line_bytes:
+                raise DataError(where, "<line>", f"longer than the {max_line_bytes:,}-byte cap on one record "
+                                "(spl.data.MAX_LINE_BYTES); not read further: shorten or drop it")
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(where, "<utf-8>", f"byte 0x{raw[err.start]:02x} at byte {err.start + 1} of "
+                                "the line is not valid UTF-8; save the file as UTF-8") from None
             if not line.strip():
                 continue
-            where = Where(str(path), line_no)
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
                 raise DataError(where, "<json>", f"invalid JSON ({err})") from None
+            except RecursionError:  # json's C scanner recurses once per level of [ or {
+                raise DataError(where, "<json>", "JSON nested too deeply to parse (about "
+                                f"{sys.getrecursionlimit()} levels or more)") from None
             yield _check_object(record, where), where
 
 

@@ -165,6 +165,9 @@ def run_demo(cfg: Config, env) -> dict:
     from spl.tokenizer import Tokenizer
     from spl.trainer import DistEnv, Trainer, TrainingError, print0
 
+    if cfg.train.divergence != "reverse_kl":  # the table compares with SPL's theory, not f-DPO's
+        raise TrainingError(f"the embedded demo trains SPL/DPO only; train.divergence={cfg.train.divergence} "
+                            "(f-DPO) needs data.train_path")
     out = Path(cfg.train.out_dir)
     ref_dir = out / "reference"
     tok_path = ref_dir / "tokenizer.model"
@@ -185,7 +188,7 @@ def run_demo(cfg: Config, env) -> dict:
         sft_cfg = replace(cfg, lora=replace(cfg.lora, enabled=False),
                           train=replace(cfg.train, mode="sft", lr=3e-3, max_steps=200, warmup_steps=10,
                                         out_dir=str(out / "reference_run"), resume=False, ref_cache=None,
-                                        eval_every=10**9, save_every=10**9))
+                                        eval_every=10**9, save_every=10**9, report_to=[]))
         sft = SFTDataset.from_records(reference_records(cfg.train.seed), tok, **data_kw)
         print0(env, f"stage 1/2: fitting the reference policy ({len(sft)} answers, uniform over options)")
         Trainer(sft_cfg, DistEnv(device=env.device), model, sft, tokenizer_path=str(fresh)).train()

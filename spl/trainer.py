@@ -37,8 +37,9 @@ from spl.config import Config
 from spl.data import BatchIterator
 from spl.logprobs import sequence_logps
 from spl.lora import disable_adapters, lora_state_dict, save_adapter
-from spl.losses import bradley_terry_loss, sft_nll, spl_loss
+from spl.losses import bradley_terry_loss, preference_loss, sft_nll
 from spl.model import Transformer
+from spl.reporting import Reporter
 
 
 class TrainingError(RuntimeError):
@@ -158,6 +159,8 @@ class Trainer:
         bf16 = t.precision == "bf16" or (t.precision == "auto" and dev == "cuda")
         self.autocast = (lambda: torch.autocast(dev, dtype=torch.bfloat16)) if bf16 else nullcontext
         self.ref_cache: torch.Tensor | None = None  # (N, 2) reference log-probs per training pair
+        # train.report_to's dashboards, on rank 0 only; metrics.jsonl (_log) stays the record.
+        self.reporter = Reporter(t.report_to if env.is_main else [], self.out_dir, cfg.to_dict())
 
     def _wrap(self, scorer: Scorer) -> nn.Module:
         if self.env.world_size == 1:
@@ -204,7 +207,10 @@ class Trainer:
             losses, metrics = bradley_terry_loss(out[:B], out[B:])
             return losses.mean(), {k: v.detach().float() for k, v in metrics.items()}
         ref = self.reference_logps(batch)
-        losses, metrics = spl_loss(out[:B], out[B:], ref[:B], ref[B:], alpha=alpha, beta=beta)
+        # SPL under reverse KL (DPO at alpha == beta); f-DPO under any other train.divergence.
+        losses, metrics = preference_loss(out[:B], out[B:], ref[:B], ref[B:], alpha=alpha, beta=beta,
+                                          divergence=self.t.divergence,
+                                          divergence_alpha=self.t.divergence_alpha)
         return losses.mean(), {k: v.detach().float().mean() for k, v in metrics.items()}
 
     # ------------------------------------------------------------------ reference cache
@@ -257,6 +263,7 @@ class Trainer:
         t, env = self.t, self.env
         if env.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.reporter.start()
         if t.mode == "spl" and (t.ref_cache or not self.lora):
             # Before any resume: the reference is the base model, not the checkpoint's weights. Full
             # fine-tuning keeps its cache in out_dir so a resumed run does not recompute it.
@@ -314,6 +321,7 @@ class Trainer:
             if self.step % t.save_every == 0 or self.step == t.max_steps:
                 self.save_checkpoint()
         bar.close()
+        self.reporter.close()
         return last
 
     def _clip(self) -> float:
@@ -328,6 +336,7 @@ class Trainer:
         if self.env.is_main:
             with open(path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+            self.reporter.log(record)
 
     @torch.no_grad()
     def evaluate(self) -> dict:

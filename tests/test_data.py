@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from spl.data import (
+    MAX_LINE_BYTES,
     BatchIterator,
     DataError,
     PreferenceDataset,
@@ -27,6 +28,7 @@ from spl.data import (
     detect_format,
     load_preference_data,
     load_sft_data,
+    read_jsonl,
     read_preference,
     read_sft,
     truncate,
@@ -241,6 +243,77 @@ def test_sft_errors(tmp_path: Path) -> None:
         list(read_sft(path))
     with pytest.raises(ValueError, match="format"):
         list(read_sft([], format="hh"))
+
+
+# Bad bytes, depth and size: each must be one DataError naming file and line, never a traceback.
+NOT_UTF8 = '{"prompt": "caf\xe9", "chosen": "a", "rejected": "b"}'.encode("latin-1")  # é as 1 byte
+NESTED = '{"prompt": ' + "[" * 100_000 + "]" * 100_000 + ', "chosen": "a", "rejected": "b"}'
+
+
+@pytest.mark.parametrize("read, good, bad", [
+    (read_preference, GOOD.encode(), NOT_UTF8),
+    (read_sft, b'{"text": "ok"}', '{"text": "caf\xe9"}'.encode("latin-1")),
+], ids=["preference", "sft"])
+def test_non_utf8_byte_names_file_and_line(tmp_path: Path, read, good: bytes, bad: bytes) -> None:
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(good + b"\n\n" + bad + b"\n" + good + b"\n")
+    column = bad.index(b"\xe9") + 1
+    with pytest.raises(DataError, match=rf"latin1\.jsonl, line 3, field '<utf-8>': byte 0xe9 at byte "
+                       rf"{column} of the line is not valid UTF-8") as info:
+        list(read(path))
+    assert info.value.where == Where(str(path), 3)
+
+
+def test_deeply_nested_json_names_file_and_line(tmp_path: Path) -> None:
+    path = write_lines(tmp_path, [GOOD, NESTED], name="deep.jsonl")
+    with pytest.raises(DataError, match=r"deep\.jsonl, line 2, field '<json>': JSON nested too deeply"):
+        list(read_preference(path))
+    # Nesting the parser can hold is still checked field by field.
+    path = write_lines(tmp_path, [GOOD, '{"prompt": [[[["q"]]]], "chosen": "a", "rejected": "b"}'])
+    with pytest.raises(DataError, match=r"line 2, field 'prompt\[0\]': expected a message object"):
+        list(read_preference(path))
+
+
+def test_line_cap_is_exact(tmp_path: Path) -> None:
+    cap = len(GOOD) + 3
+    fits = GOOD[:-1] + "   }"  # exactly cap bytes of valid JSON
+    path = tmp_path / "cap.jsonl"
+    # LF, CRLF and a final line without a newline all fit at exactly cap bytes.
+    path.write_bytes(f"{fits}\n{fits}\r\n{fits}".encode())
+    assert [w.line for _, w in read_jsonl(path, max_line_bytes=cap)] == [1, 2, 3]
+    path.write_bytes(f"{fits}\n{fits} \n{fits}\n".encode())
+    with pytest.raises(DataError, match=rf"cap\.jsonl, line 2, field '<line>': longer than the {cap}-byte"):
+        list(read_jsonl(path, max_line_bytes=cap))
+
+
+def test_ten_megabyte_line_is_refused_at_the_cap(tmp_path: Path) -> None:
+    huge = json.dumps({"prompt": "q", "chosen": "word " * 2_000_000, "rejected": "b"})  # 10 MB
+    path = write_lines(tmp_path, [GOOD, GOOD, huge, GOOD], name="huge.jsonl")
+    with pytest.raises(DataError, match=rf"huge\.jsonl, line 3, field '<line>': longer than the "
+                       rf"{MAX_LINE_BYTES:,}-byte cap on one record \(spl\.data\.MAX_LINE_BYTES\)"):
+        list(read_preference(path))
+
+
+@pytest.mark.parametrize("content, message", [
+    (GOOD.encode() + b"\n" + NOT_UTF8 + b"\n", "line 2, field '<utf-8>': byte 0xe9"),
+    ((GOOD + "\n" + NESTED + "\n").encode(), "line 2, field '<json>': JSON nested too deeply"),
+    ((GOOD + "\n" + json.dumps({"prompt": "q", "chosen": "w " * 5_000_000, "rejected": "b"})).encode(),
+     f"line 2, field '<line>': longer than the {MAX_LINE_BYTES:,}-byte cap"),
+], ids=["not_utf8", "nested", "ten_mb_line"])
+def test_train_py_bad_data_is_one_line_exit_1(tiny_hf_model: Path, tmp_path: Path, capsys, content: bytes,
+                                               message: str) -> None:
+    """train.py's entry point, in process: exit code 1 and one stderr line naming file and line."""
+    import train
+
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(content)
+    code = train.main([f"model.checkpoint={tiny_hf_model}", f"data.train_path={path}",
+                       "data.format=preference", f"train.out_dir={tmp_path / 'run'}", "data.max_len=64",
+                       "data.max_prompt_len=32",
+                       "train.batch_size=2", "train.micro_batch_size=2", "train.max_steps=1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1, err
+    assert err[0].startswith(f"train.py: {path}, {message}"), err[0]
 
 
 def test_harmless_records_skipped_and_counted(tok: Tokenizer) -> None:
