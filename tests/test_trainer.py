@@ -137,7 +137,7 @@ def tiny_hf_model(tmp_path_factory) -> Path:
 
 HH = ROOT / "tests" / "fixtures" / "hh_rlhf_sample.jsonl"
 REAL = ["data.max_len=96", "data.max_prompt_len=64", "train.batch_size=4", "train.micro_batch_size=2",
-        "train.max_steps=2", "train.warmup_steps=0", "train.log_every=1"]
+        "train.max_steps=2", "train.warmup_steps=0", "train.log_every=1", "data.chat_template=mistral-v1"]
 
 
 @pytest.mark.parametrize("mode,extra", [
