@@ -31,11 +31,12 @@ def test_missing_package_is_a_clear_skip(monkeypatch):
 
 def test_quickstart_similarities(embedder):
     """sbert.net's quickstart for all-MiniLM-L6-v2 prints cosine similarities 0.6660, 0.1046, 0.1411."""
-    e = embedder.encode(["The weather is lovely today.", "It's so sunny outside!", "He drove to the stadium."])
+    e = embedder.encode(["The weather is lovely today.", "It's so sunny outside!",
+                         "He drove to the stadium."])
     assert e.shape == (3, 384) and np.allclose(np.linalg.norm(e, axis=1), 1.0, atol=1e-5)
     similarity = e @ e.T
-    assert [similarity[0, 1], similarity[0, 2], similarity[1, 2]] == pytest.approx([0.6660, 0.1046, 0.1411],
-                                                                                   abs=1e-4)
+    pairs = [similarity[0, 1], similarity[0, 2], similarity[1, 2]]
+    assert pairs == pytest.approx([0.6660, 0.1046, 0.1411], abs=1e-4)
     # Eq. 44 on these three: mean of 1 - cos over all 9 ordered pairs (self-pairs are 0).
     expected = 2 * ((1 - 0.6660) + (1 - 0.1046) + (1 - 0.1411)) / 9
     assert mean_pairwise_cosine_distance(e) == pytest.approx(expected, abs=1e-4)

@@ -72,7 +72,8 @@ def test_reliability_and_stance_figures(plt):
     assert len(fig.axes[0].patches) == sum(b["count"] > 0 for b in bins)  # one bar per filled bin
     plt.close(fig)
 
-    spreads = {"DPO t=1": [0.0, 0.5, 0.4], "DPO t=1.4": [0.9, 1.1, 0.7], "SPL a/b=2": [0.8, 1.0, float("nan")]}
+    spreads = {"DPO t=1": [0.0, 0.5, 0.4], "DPO t=1.4": [0.9, 1.1, 0.7],
+               "SPL a/b=2": [0.8, 1.0, float("nan")]}
     points = {"DPO": [(0.99, 0.4, "t=1"), (0.90, 0.9, "t=1.4")], "SPL": [(0.98, 0.9, "a/b=2")]}
     fig = figure_stance_spread(spreads, points)
     boxes, scatter = fig.axes
