@@ -297,6 +297,27 @@ def test_same_inputs_in_either_order_give_identical_results(tmp_path):
         plan_evaluation(EvalConfig(completions=str(reference), difficulty_from=str(forward)))
 
 
+def test_difficulty_from_a_model(demo_run, tmp_path):
+    """A model directory as the difficulty source: it is sampled on every GSM8K problem scored, and
+    the splits it gives are written for reuse. (The demo's base model, which is not compared.)"""
+    problems = load_gsm8k()[:3]
+    path = _write_jsonl(tmp_path / "c.jsonl", [{"dataset": "gsm8k", "id": p.id, "model": "A",
+                                                "completion": f"#### {p.answer}"} for p in problems])
+    out = tmp_path / "eval"
+    results = run_evaluation(EvalConfig(completions=str(path), difficulty_from=str(demo_run / "reference"),
+                                        bestofn_samples=2, max_new_tokens=4, out=str(out)))
+    meta = results["meta"]["gsm8k_difficulty"]
+    assert meta["source"] == f"samples of the model {demo_run / 'reference'}" and meta["problems"] == 3
+    samples = (out / "samples" / "gsm8k_difficulty_model.jsonl").read_text().splitlines()
+    assert len(samples) == 3 * 2
+    splits = [json.loads(line) for line in (out / "gsm8k_difficulty.jsonl").read_text().splitlines()]
+    assert sorted(r["id"] for r in splits) == sorted(p.id for p in problems)
+    # The splits partition the problems; A solves every one, so pass@1 is 1 in each split there is.
+    best = results["best_of_n"]["gsm8k"]
+    assert sum(best[d]["A"]["problems"] for d in ("easy", "medium", "hard") if d in best) == 3
+    assert all(row["A"]["pass@1"] == 1.0 for row in best.values())
+
+
 def test_limits_are_exact_or_refused(demo_run):
     """--limit N evaluates N items per dataset, or stops with what is shipped; no model is loaded."""
     demo = [str(demo_run)]
