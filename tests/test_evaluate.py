@@ -212,6 +212,33 @@ def _write_jsonl(path: Path, records: list[dict]) -> Path:
     return path
 
 
+def test_missing_extras_are_reported_not_replaced(demo_run, tmp_path, monkeypatch):
+    """Without the evaluation extras the embedding distance, the non-word rate and the figures are
+    skipped with a note each; nothing (such as the policy's own hidden states) stands in."""
+    import sys
+
+    import spl.evaluation.runner as runner
+    from spl.evaluation.embeddings import EmbedderUnavailable
+
+    def no_embedder(device):
+        raise EmbedderUnavailable("embedding cosine distance skipped: sentence_transformers is not installed")
+
+    monkeypatch.setattr(runner, "load_sentence_embedder", no_embedder)
+    monkeypatch.setattr(runner, "load_english_words", lambda: None)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # importing it now fails
+    out = tmp_path / "eval"
+    results = run_evaluation(EvalConfig(checkpoints=[str(demo_run)], suites=["diversity"], num_prompts=1,
+                                        num_samples=2, max_new_tokens=4, out=str(out)))
+    row = results["diversity"]["run t=1"]
+    assert "embedding_cosine_distance" not in row and "non_word_token_rate" not in row
+    assert 0 <= row["distinct_1"] <= 1  # the text metrics that need no extra still run
+    notes = " ".join(results["notes"])
+    for skipped in ("embedding cosine distance skipped", "Non-word token rate and coherence skipped",
+                    "figures skipped: matplotlib is not installed"):
+        assert skipped in notes and skipped in (out / "report.md").read_text()
+    assert not list(out.glob("*.png"))
+
+
 def test_completions_scoring(tmp_path):
     """Hand-made completions with known pass@k and redundancy; no model is loaded."""
     gsm, math_problems = load_gsm8k(), load_math()
