@@ -91,6 +91,9 @@ def best_of_n_summary(dataset: str, problems: Sequence[MathProblem], completions
         split = f"level {p.level}" if p.level is not None else (difficulty or {}).get(p.id)
         if split is not None:
             groups.setdefault(split, []).append(i)
+    # Splits in reading order (all, easy, medium, hard, level 1, ...), whatever the problem order.
+    rank = {name: r for r, name in enumerate(("all", *DIFFICULTIES))}
+    groups = dict(sorted(groups.items(), key=lambda kv: (rank.get(kv[0], len(rank)), kv[0])))
     stops = GSM8K_STOP if dataset == "gsm8k" else MATH_STOP
     splits = {}
     for split, idx in groups.items():
