@@ -1,7 +1,7 @@
 """Model-driven evaluation primitives: pose prompts, sample responses, score token sequences.
 
-The suites in ``suites.py`` (run by ``runner.py``) are built from five operations on a loaded
-model, all batched and run under ``torch.inference_mode``:
+The suites (run by ``runner.py``) are built from four operations on a loaded model, all batched
+and run under ``torch.inference_mode``:
 
 - ``sample_responses``: N responses per prompt with token-level sampling (temperature, top-k/p,
   min-p) or a sequence-level global temperature (``spl/sampling.py``; paper eqs. 7-10).
@@ -12,29 +12,26 @@ model, all batched and run under ``torch.inference_mode``:
 - ``option_logprobs``: log-probabilities of the option letters after a multiple-choice prompt
   (App. D): the next-token distribution when every letter is one token, else each letter's
   sequence log-prob; callers renormalize over the options.
-- ``response_embeddings``: the policy's last hidden states mean-pooled over response tokens, the
-  embedding fallback when no sentence-embedding model is installed.
 
-Batches are right-padded: padding sits after every real token, so causal attention never lets a
-real position see it, and no attention mask is needed. Sequences are sorted by length first so a
-batch wastes little compute on padding; results come back in the callers' order.
+The three scorers share one forward loop, ``_padded_forwards``: sequences sorted by length (a
+batch wastes little compute on padding), right-padded (padding sits after every real token, so
+causal attention never lets a real position see it and no attention mask is needed), results
+put back in the callers' order.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 import yaml
 from tqdm import tqdm
 
 from spl.data import hh_messages
-from spl.evaluation.embeddings import mean_pool
+from spl.evaluation.math_answers import truncate_at_stop
 from spl.logprobs import sequence_logps
 from spl.sampling import generate, sample_global_temperature
 from spl.tokenizer import Message, Tokenizer
@@ -141,17 +138,15 @@ def load_eval_model(path: str | Path, *, name: str | None = None, adapter: str |
                     dtype: torch.dtype = torch.float32) -> EvalModel:
     """Load a run, step, HF or original model directory for evaluation (``load_for_inference``).
 
-    ``chat_template`` is a name from spl.chat_templates or "auto": as the checkpoint was trained
-    (its run's config.yaml, its tokenizer_config.json, its tokenizer's control tokens). Under
-    "none" prompts are bos + raw text (HH-RLHF's "\\n\\nHuman: ...\\n\\nAssistant:").
+    ``chat_template`` (checked by ``EvalConfig``) is a name from spl.chat_templates or "auto": as
+    the checkpoint was trained (its run's config.yaml, its tokenizer_config.json, its tokenizer's
+    control tokens). Under "none" prompts are bos + raw text (HH-RLHF's "\\n\\nHuman: ...").
     With ``follows_policy`` (a reward model or reference) a checkpoint that says nothing is left
     without a template, for ``EvalModel.follow`` to give it the policy's.
     """
-    from spl.chat_templates import CHOICES, ChatTemplateError, ChatTemplateUndecided, set_chat_template
+    from spl.chat_templates import ChatTemplateError, ChatTemplateUndecided, set_chat_template
     from spl.trainer import load_for_inference
 
-    if chat_template not in CHOICES:
-        raise EvaluationError(f"--chat-template must be one of {', '.join(CHOICES)}, got {chat_template!r}")
     loaded = load_for_inference(path, adapter=adapter, tokenizer=tokenizer, device=device, dtype=dtype)
     config = read_run_config(path)
     try:
@@ -267,11 +262,10 @@ def response_text(tokenizer: Tokenizer, ids: list[int],
     scores of reward and reference models see what the text metrics see.
     """
     text = tokenizer.decode(ids)
-    cut = min((i for i in (text.find(s) for s in stops if s) if i >= 0), default=-1)
-    if cut < 0:
+    kept = truncate_at_stop(text, stops)
+    if len(kept) == len(text):
         return text, ids, False
-    text = text[:cut]
-    return text, tokenizer.encode(text), True
+    return kept, tokenizer.encode(kept), True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -279,43 +273,42 @@ def response_text(tokenizer: Tokenizer, ids: list[int],
 # ---------------------------------------------------------------------------------------------
 
 
-def _right_padded(seqs: Sequence[list[int]], device: torch.device) -> torch.Tensor:
-    T = max(len(s) for s in seqs)
-    # Pad id 0 is a valid row of every embedding table; padded positions are never read.
-    return torch.tensor([s + [0] * (T - len(s)) for s in seqs], device=device)  # (B, T)
+def _padded_forwards(model: torch.nn.Module, seqs: Sequence[list[int]], batch_size: int, desc: str,
+                     context: Callable[[], AbstractContextManager] = nullcontext
+                     ) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
+    """Final-normed hidden states of ``seqs`` in length-sorted, right-padded batches.
 
-
-def _length_sorted_batches(lengths: Sequence[int], batch_size: int) -> Iterator[list[int]]:
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    yield from _batched(order, batch_size)
+    Yields (indices into ``seqs``, ids (B, T), hidden (B, T, D)). ``context``, e.g.
+    ``lambda: disable_adapters(model)`` for the reference of a LoRA run, is entered around each
+    forward and stays entered while the caller works on the batch (the yield is inside it), so
+    a head applied to ``hidden`` runs under it too.
+    """
+    device = model.lm_head.weight.device
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    for idx in tqdm(list(_batched(order, batch_size)), desc=desc, unit="batch", leave=False):
+        T = max(len(seqs[i]) for i in idx)
+        # Pad id 0 is a valid row of every embedding table; padded positions are never read.
+        ids = torch.tensor([seqs[i] + [0] * (T - len(seqs[i])) for i in idx], device=device)  # (B, T)
+        with context():
+            yield list(idx), ids, model(ids, return_hidden=True)  # (B, T, D)
 
 
 @torch.inference_mode()
 def sequence_logprobs(model: torch.nn.Module, prompts: Sequence[list[int]], responses: Sequence[list[int]],
                       *, batch_size: int, context: Callable[[], AbstractContextManager] = nullcontext,
                       desc: str = "log-probs") -> tuple[list[float], list[int]]:
-    """log pi(response | prompt) summed over response tokens, and the number of those tokens.
-
-    ``context`` is entered around each forward, e.g. ``lambda: disable_adapters(model)`` for the
-    reference policy of a LoRA run.
-    """
+    """log pi(response | prompt) summed over response tokens, and the number of those tokens."""
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
-    device = model.lm_head.weight.device
     logps, counts = [0.0] * len(prompts), [len(r) for r in responses]
-    lengths = [len(p) + len(r) for p, r in zip(prompts, responses, strict=True)]
-    batches = list(_length_sorted_batches(lengths, batch_size))
-    for idx in tqdm(batches, desc=desc, unit="batch", leave=False):
-        seqs = [prompts[i] + responses[i] for i in idx]
-        ids = _right_padded(seqs, device)  # (B, T)
+    seqs = [p + r for p, r in zip(prompts, responses, strict=True)]
+    for idx, ids, hidden in _padded_forwards(model, seqs, batch_size, desc, context):
         # Position t predicts token t + 1: response tokens are targets at [len(p) - 1, len(p) + len(r) - 1).
         targets = torch.cat([ids[:, 1:], torch.zeros_like(ids[:, :1])], dim=1)  # (B, T)
-        mask = torch.zeros(ids.shape, dtype=torch.bool, device=device)  # (B, T)
+        mask = torch.zeros(ids.shape, dtype=torch.bool, device=ids.device)  # (B, T)
         for row, i in enumerate(idx):
-            mask[row, len(prompts[i]) - 1:len(prompts[i]) + len(responses[i]) - 1] = True
-        with context():
-            hidden = model(ids, return_hidden=True)  # (B, T, D)
-            out = sequence_logps(hidden, model.lm_head.weight, targets, mask)  # (B,)
+            mask[row, len(prompts[i]) - 1:len(seqs[i]) - 1] = True
+        out = sequence_logps(hidden, model.lm_head.weight, targets, mask)  # (B,)
         for row, i in enumerate(idx):
             logps[i] = float(out[row])
     return logps, counts
@@ -329,39 +322,15 @@ def reward_scores(model: torch.nn.Module, head: torch.Tensor, seqs: Sequence[lis
     The same computation as ``spl.trainer.Scorer`` in reward mode, where ``last_index`` is the
     position of each row's last real token (the response's eos when it finished).
     """
-    device = model.lm_head.weight.device
     rewards = [0.0] * len(seqs)
-    for idx in tqdm(list(_length_sorted_batches([len(s) for s in seqs], batch_size)), desc=desc,
-                    unit="batch", leave=False):
-        ids = _right_padded([seqs[i] for i in idx], device)  # (B, T)
-        last = torch.tensor([len(seqs[i]) - 1 for i in idx], device=device)  # (B,)
-        hidden = model(ids, return_hidden=True)  # (B, T, D)
-        h = hidden[torch.arange(len(idx), device=device), last]  # (B, D)
+    for idx, ids, hidden in _padded_forwards(model, seqs, batch_size, desc):
+        last = torch.tensor([len(seqs[i]) - 1 for i in idx], device=ids.device)  # (B,)
+        h = hidden[torch.arange(len(idx), device=ids.device), last]  # (B, D)
         # F.linear(h, head) is Scorer's nn.Linear(D, 1, bias=False); fp32 like Scorer's output.
         scores = torch.nn.functional.linear(h, head.to(h.dtype)).squeeze(-1).float()  # (B,)
         for row, i in enumerate(idx):
             rewards[i] = float(scores[row])
     return rewards
-
-
-@torch.inference_mode()
-def response_embeddings(model: torch.nn.Module, prompts: Sequence[list[int]], responses: Sequence[list[int]],
-                        *, batch_size: int, desc: str = "embeddings") -> np.ndarray:
-    """(N, D) fp32: the policy's final-normed hidden states mean-pooled over each response's tokens."""
-    device = model.lm_head.weight.device
-    out = np.zeros((len(prompts), model.cfg.dim), dtype=np.float32)
-    lengths = [len(p) + len(r) for p, r in zip(prompts, responses, strict=True)]
-    for idx in tqdm(list(_length_sorted_batches(lengths, batch_size)), desc=desc, unit="batch", leave=False):
-        ids = _right_padded([prompts[i] + responses[i] for i in idx], device)  # (B, T)
-        mask = torch.zeros(ids.shape, dtype=torch.bool, device=device)  # (B, T) response positions
-        for row, i in enumerate(idx):
-            # An empty response (cut at a stop string right away) is the state it answered from:
-            # the prompt's last position, so all empty responses embed alike.
-            start = len(prompts[i]) - (not responses[i])
-            mask[row, start:len(prompts[i]) + len(responses[i])] = True
-        pooled = mean_pool(model(ids, return_hidden=True), mask)  # (B, D) fp32
-        out[idx] = pooled.cpu().numpy()
-    return out
 
 
 def option_token_ids(tokenizer: Tokenizer, letters: Sequence[str]) -> list[list[int]] | None:
@@ -398,23 +367,12 @@ def option_logprobs(model: torch.nn.Module, prompts: Sequence[list[int]],
             out.append(logps[start:start + len(opts)])
             start += len(opts)
         return out
-    device = model.lm_head.weight.device
     result: list[list[float]] = [[] for _ in prompts]
-    for idx in tqdm(list(_length_sorted_batches([len(p) for p in prompts], batch_size)), desc=desc,
-                    unit="batch", leave=False):
-        ids = _right_padded([prompts[i] for i in idx], device)  # (B, T)
-        last = torch.tensor([len(prompts[i]) - 1 for i in idx], device=device)  # (B,)
-        h = model(ids, return_hidden=True)[torch.arange(len(idx), device=device), last]  # (B, D)
+    for idx, ids, hidden in _padded_forwards(model, prompts, batch_size, desc):
+        last = torch.tensor([len(prompts[i]) - 1 for i in idx], device=ids.device)  # (B,)
+        h = hidden[torch.arange(len(idx), device=ids.device), last]  # (B, D)
         # fp32 log-softmax over the vocabulary at one position per row: (B, V) is small.
         logp = model.lm_head(h).float().log_softmax(dim=-1)  # (B, V)
         for row, i in enumerate(idx):
             result[i] = logp[row, [o[0] for o in options[i]]].tolist()
     return result
-
-
-def write_jsonl(path: Path, records: Sequence[dict]) -> None:
-    """One JSON object per line (the samples behind the numbers, for inspection)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
