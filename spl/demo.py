@@ -194,6 +194,9 @@ def run_demo(cfg: Config, env) -> dict:
         Trainer(sft_cfg, DistEnv(device=env.device), model, sft, tokenizer_path=str(fresh)).train()
         save_model(model, model.cfg, ref_dir, overwrite=True)
         (ref_dir / "tokenizer.model").write_bytes(fresh.read_bytes())
+        # The config that fitted it says how it reads prompts (chat template "none") to sample.py
+        # and evaluate.py, which are pointed at this directory too (base model, difficulty source).
+        (ref_dir / "config.yaml").write_text(sft_cfg.to_yaml())
     _barrier(env)
     tok = Tokenizer(tok_path, "none")
     model, _ = load_model(ref_dir, device=env.device)
