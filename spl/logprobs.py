@@ -153,8 +153,10 @@ def _cuda_out_dtype_support(device: torch.device) -> tuple[bool, bool]:
     Probed once per device on 16 x 16 inputs (one host sync, at first use)."""
     a = torch.full((16, 16), 1.0 + 2**-8, device=device, dtype=torch.bfloat16)  # exact in bf16
     exact = 16 * (1.0 + 2**-8) ** 2  # not representable in bf16: tells fp32 output from bf16
+    out = torch.empty(16, 16, device=device)
     try:
-        mm = bool((torch.mm(a, a, out_dtype=torch.float32) == exact).all())
+        torch.mm(a, a, out_dtype=torch.float32, out=out)  # the out= form is the one used
+        mm = bool((out == exact).all())
     except (TypeError, RuntimeError):
         mm = False
     acc = torch.ones(16, 16, device=device)
