@@ -80,6 +80,7 @@ IGNORE_INDEX = -100  # the same value as kernels.fused_logprobs.IGNORE_INDEX and
 # Debug switch, read once: check targets on the host every call (one sync each).
 CHECK_TARGETS = os.environ.get("SPL_CHECK_TARGETS") == "1"
 
+TORCH_BLOCK_BYTES = 8 * 2**20  # softmax_rows_torch: fp32 temporaries per block of rows
 # softmax_rows(z, targets, lse, logp, *, stats, delta, grad): the step between the matmuls.
 SoftmaxRows = Callable[..., None]
 
@@ -123,22 +124,27 @@ def softmax_rows_torch(z: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor
     targets give logp 0 and a zero delta row; targets outside [0, V) give NaN.
     """
     V = z.shape[1]
-    ignored = targets == IGNORE_INDEX  # (n,)
-    valid = (targets >= 0) & (targets < V)  # (n,)
-    safe = torch.where(valid, targets, 0)[:, None]  # (n, 1)
+    wide = torch.promote_types(z.dtype, torch.float32)
     nan = torch.tensor(float("nan"), device=z.device)
-    wide = z.to(torch.promote_types(z.dtype, torch.float32))  # (n, V) a copy, unless z is fp32 already
-    if stats:
-        lse.copy_(torch.logsumexp(wide, dim=1))
-        zy = wide.gather(1, safe).squeeze(1)  # (n,) read before z may be overwritten
-        logp.copy_(torch.where(valid, zy - lse, torch.where(ignored, 0.0, nan)))
-    if delta:
-        g = torch.where(valid, grad if grad is not None else 1.0, nan)  # (n,)
-        p = wide.sub_(lse[:, None].to(wide.dtype)).exp_()  # (n, V) in place: no second buffer
-        p.neg_().scatter_add_(1, safe, valid[:, None].to(p.dtype))  # onehot - softmax
-        p.mul_(g[:, None].to(p.dtype)).masked_fill_(ignored[:, None], 0.0)
-        if p.data_ptr() != z.data_ptr():
-            z.copy_(p)  # one rounding into z's dtype
+    # Blocks of rows keep the fp32 temporaries at ~8 MiB however long the chunk is.
+    step = max(1, TORCH_BLOCK_BYTES // (4 * V))
+    for start in range(0, z.shape[0], step):
+        rows = slice(start, start + step)
+        y = targets[rows]  # (r,)
+        ignored = y == IGNORE_INDEX
+        valid = (y >= 0) & (y < V)
+        safe = torch.where(valid, y, 0)[:, None]  # (r, 1)
+        zb = z[rows].to(wide)  # (r, V) a copy, or z's own rows when z is fp32 already
+        if stats:
+            m = zb.amax(dim=1, keepdim=True)  # (r, 1)
+            lse[rows] = (m + (zb - m).exp_().sum(dim=1, keepdim=True).log_()).squeeze(1)
+            zy = zb.gather(1, safe).squeeze(1)  # (r,) target logit
+            logp[rows] = torch.where(valid, zy - lse[rows], torch.where(ignored, 0.0, nan))
+        if delta:
+            g = torch.where(valid, grad[rows] if grad is not None else 1.0, nan)  # (r,)
+            p = (zb - lse[rows, None].to(wide)).exp_()  # (r, V) softmax
+            p.neg_().scatter_add_(1, safe, valid[:, None].to(wide))  # onehot - softmax
+            z[rows] = p.mul_(g[:, None].to(wide)).masked_fill_(ignored[:, None], 0.0)  # one rounding
 
 
 # ---------------------------------------------------------------------------------------------
