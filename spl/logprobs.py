@@ -80,7 +80,7 @@ IGNORE_INDEX = -100  # the same value as kernels.fused_logprobs.IGNORE_INDEX and
 # Debug switch, read once: check targets on the host every call (one sync each).
 CHECK_TARGETS = os.environ.get("SPL_CHECK_TARGETS") == "1"
 
-TORCH_BLOCK_BYTES = 8 * 2**20  # softmax_rows_torch: fp32 temporaries per block of rows
+TORCH_BLOCK_BYTES = 32 * 2**20  # softmax_rows_torch: fp32 temporaries per block of rows
 # softmax_rows(z, targets, lse, logp, *, stats, delta, grad): the step between the matmuls.
 SoftmaxRows = Callable[..., None]
 
@@ -126,7 +126,8 @@ def softmax_rows_torch(z: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor
     V = z.shape[1]
     wide = torch.promote_types(z.dtype, torch.float32)
     nan = torch.tensor(float("nan"), device=z.device)
-    # Blocks of rows keep the fp32 temporaries at ~8 MiB however long the chunk is.
+    # Blocks of rows bound the fp32 temporaries (a copy of half-precision logits, or exp(z - m)
+    # when z must survive); where z is overwritten anyway, fp32 work happens in place.
     step = max(1, TORCH_BLOCK_BYTES // (4 * V))
     for start in range(0, z.shape[0], step):
         rows = slice(start, start + step)
@@ -137,14 +138,20 @@ def softmax_rows_torch(z: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor
         zb = z[rows].to(wide)  # (r, V) a copy, or z's own rows when z is fp32 already
         if stats:
             m = zb.amax(dim=1, keepdim=True)  # (r, 1)
-            lse[rows] = (m + (zb - m).exp_().sum(dim=1, keepdim=True).log_()).squeeze(1)
-            zy = zb.gather(1, safe).squeeze(1)  # (r,) target logit
+            zy = zb.gather(1, safe).squeeze(1)  # (r,) target logit, before zb changes
+            e = (zb.sub_(m) if delta else zb - m).exp_()  # (r, V) exp(z - m)
+            total = e.sum(dim=1, keepdim=True)  # (r, 1)
+            lse[rows] = (m + total.log()).squeeze(1)
             logp[rows] = torch.where(valid, zy - lse[rows], torch.where(ignored, 0.0, nan))
+            p = e.div_(total) if delta else None  # softmax
+        elif delta:
+            p = zb.sub_(lse[rows, None].to(wide)).exp_()  # (r, V) softmax
         if delta:
             g = torch.where(valid, grad[rows] if grad is not None else 1.0, nan)  # (r,)
-            p = (zb - lse[rows, None].to(wide)).exp_()  # (r, V) softmax
             p.neg_().scatter_add_(1, safe, valid[:, None].to(wide))  # onehot - softmax
-            z[rows] = p.mul_(g[:, None].to(wide)).masked_fill_(ignored[:, None], 0.0)  # one rounding
+            p.mul_(g[:, None].to(wide)).masked_fill_(ignored[:, None], 0.0)
+            if p.data_ptr() != z[rows].data_ptr():
+                z[rows] = p  # one rounding into z's dtype
 
 
 # ---------------------------------------------------------------------------------------------
