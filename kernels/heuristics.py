@@ -19,7 +19,7 @@ when they were set; ``benchmarks/bench_logprobs.py --sweep`` times the chunk siz
    tiles (128 x 256 outputs) it fills ``2 * SMs`` tiles, two full waves, at
    chunk >= 2 * SMs * 128 * 256 / D tokens (2112 on an H100/H200 at D = 4096; 2048 on an
    RTX 4090). Fewer chunks mean fewer launches; more mean less memory: at two waves the logits
-   block is 2 * chunk * V bytes (131 MiB at V = 32000, 525 MiB at 128256), a few percent of what
+   block is 2 * chunk * V bytes (131 MB at V = 32000, 525 MB at 128256, chunk 2048), a few percent of what
    the plain path holds at 8192 tokens. A cap keeps it under 1 GiB for the largest vocabularies.
 """
 

@@ -125,7 +125,7 @@ def softmax_rows_torch(z: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor
     """
     V = z.shape[1]
     wide = torch.promote_types(z.dtype, torch.float32)
-    nan = torch.tensor(float("nan"), device=z.device)
+    nan = float("nan")  # a Python scalar: torch.tensor(nan, device=cuda) would copy and sync
     # Blocks of rows bound the fp32 temporaries (a copy of half-precision logits, or exp(z - m)
     # when z must survive); where z is overwritten anyway, fp32 work happens in place.
     step = max(1, TORCH_BLOCK_BYTES // (4 * V))
