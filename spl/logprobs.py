@@ -16,7 +16,7 @@ Three implementations of one function, chosen by ``impl``:
 - "chunked": the algorithm below, its softmax step in torch ops. Any device.
 - "triton": the same algorithm, its softmax step one Triton kernel (``kernels/fused_logprobs.py``;
   CUDA with triton, or CPU under Triton's interpreter for tests).
-"auto" is "triton" for GPU tensors when triton is installed, "chunked" otherwise.
+"auto" is "triton" for GPU tensors (not fp64) when triton is installed, "chunked" otherwise.
 
 The algorithm (the design rationale, stated once here). With z_t = W h_t and
 delta_t = onehot(y_t) - softmax(z_t), a loss on sequence log-probs (SPL, DPO, SFT) sends one
@@ -305,7 +305,9 @@ def resolve_impl(impl: str, hidden: torch.Tensor) -> str:
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl == "auto":
-        return "triton" if hidden.is_cuda and kernels.HAS_TRITON else "chunked"
+        # The kernel takes fp32, bf16 and fp16 logits; fp64 (tests, references) stays in torch.
+        fast = hidden.is_cuda and kernels.HAS_TRITON and hidden.dtype != torch.float64
+        return "triton" if fast else "chunked"
     if impl == "triton" and not kernels.HAS_TRITON:
         raise RuntimeError("impl='triton' needs the triton package")
     return impl
