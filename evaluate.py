@@ -110,7 +110,6 @@ def main(argv: list[str] | None = None) -> int:
     from spl.evaluation.judge import JudgeError
     from spl.evaluation.runner import EvalConfig, run_evaluation
     from spl.evaluation.scoring import EvaluationError
-    from spl.trainer import TrainingError
 
     try:
         cfg = EvalConfig(
@@ -127,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
             population=args.population, ece_bins=args.ece_bins, batch_size=args.batch_size,
             device=args.device, dtype=args.dtype)
         run_evaluation(cfg)
-    except (EvaluationError, TrainingError, CheckpointError, DataError, DataFormatError, JudgeError,
+    except (EvaluationError, CheckpointError, DataError, DataFormatError, JudgeError,
             FileNotFoundError) as e:
         print(f"evaluate.py: {e}", file=sys.stderr)
         return 1

@@ -19,10 +19,13 @@ def main(argv: list[str] | None = None) -> int:
         from spl.config import Config
         print("Defaults:\n" + Config().to_yaml())
         return 0
+    import torch.distributed as dist
+
     from spl.checkpoint import CheckpointError
     from spl.config import ConfigError, load_config
     from spl.data import DataError
-    from spl.trainer import TrainingError, init_distributed, run
+    from spl.distributed import world_size_from_env
+    from spl.trainer import TrainingError, batch_layout, init_distributed, run
 
     path = argv[0] if argv and "=" not in argv[0] else None
     try:
@@ -30,6 +33,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"train.py: config error: {e}", file=sys.stderr)
         return 2
+    try:
+        batch_layout(cfg.train, world_size_from_env())  # before the process group and any weights
+    except TrainingError as e:
+        print(f"train.py: {e}", file=sys.stderr)
+        return 1
+    owns_group = not dist.is_initialized()  # a caller's process group (tests) is left running
     env = init_distributed()
     if env.is_main:
         print("resolved config:\n" + cfg.to_yaml())
@@ -43,8 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"train.py: {e}", file=sys.stderr)
         return 1
     finally:
-        import torch.distributed as dist
-        if dist.is_initialized():
+        if owns_group and dist.is_initialized():
             dist.destroy_process_group()
     return 0
 

@@ -77,7 +77,7 @@ class Prompt:
 
 def read_run_config(path: str | Path) -> dict | None:
     """The training config.yaml of a run or step directory (None for a bare model directory)."""
-    from spl.trainer import resolve_checkpoint
+    from spl.checkpoint import resolve_checkpoint
 
     for candidate in (resolve_checkpoint(path) / "config.yaml", Path(path) / "config.yaml"):
         if candidate.is_file():
@@ -133,7 +133,7 @@ def load_eval_model(path: str | Path, *, name: str | None = None, adapter: str |
     config.yaml says ``data.chat_template: true`` and it trained on a data file (the demo trains
     on plain strings), plain text for the demo and for bare model directories.
     """
-    from spl.trainer import load_for_inference
+    from spl.checkpoint import load_for_inference
 
     if chat_template not in ("auto", "yes", "no"):
         raise EvaluationError(f"--chat-template must be auto, yes or no, got {chat_template!r}")
