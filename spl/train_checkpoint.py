@@ -51,12 +51,14 @@ LATEST = "latest"
 
 
 def _failure(err: BaseException) -> str:
-    """One line for an exception, looking inside DCP's CheckpointException (which wraps each rank's)."""
+    """One line for an exception, looking inside DCP's CheckpointException, which carries each failed
+    rank's exception as ``{rank: (exception, traceback)}``."""
     failures = getattr(err, "failures", None)
     if failures:
-        inner = next(iter(failures.values()))
-        err = getattr(inner, "exc", inner)
-    return f"{type(err).__name__}: {err}" if not isinstance(err, OSError) else str(err)
+        inner = failures[min(failures)]
+        err = inner[0] if isinstance(inner, tuple) else getattr(inner, "exc", inner)
+    text = str(err) if isinstance(err, OSError) else f"{type(err).__name__}: {err}"
+    return (text.strip().splitlines() or [type(err).__name__])[0]
 
 
 def _checkpoint_exception() -> type[BaseException]:
@@ -251,7 +253,11 @@ def _write_error(final: Path, error: str | None, last_good: Path | None) -> str 
         return None
     tmp = final.parent / f".tmp_{final.name}"
     shutil.rmtree(tmp, ignore_errors=True)  # idempotent on every rank; a shared directory is fine
-    return (f"cannot write checkpoint {final}: {error}. Last good checkpoint: "
+    try:  # a full disk often surfaces as a short write deep inside torch.save: say how full it is
+        free = f" ({shutil.disk_usage(final.parent).free / 2**30:.1f} GiB free there)"
+    except OSError:
+        free = ""
+    return (f"cannot write checkpoint {final}: {error}{free}. Last good checkpoint: "
             f"{last_good or 'none written yet'}; free space or fix the directory, then continue with "
             "train.resume=true")
 

@@ -255,7 +255,13 @@ class Trainer:
                 load_checkpoint(self, path)
             if env.is_main:
                 truncate_metrics(metrics_file, self.step)
-        bar = tqdm(total=t.max_steps, initial=self.step, disable=not env.is_main, desc=t.mode, unit="step")
+        # The context closes the bar on errors too, so a final message starts on its own line.
+        with tqdm(total=t.max_steps, initial=self.step, disable=not env.is_main, desc=t.mode,
+                  unit="step") as bar:
+            return self._loop(bar, metrics_file)
+
+    def _loop(self, bar: tqdm, metrics_file: Path) -> dict:
+        t = self.t
         steps = self.batches.indices()
         last: dict = {}
         seconds, tokens, response_tokens = 0.0, 0.0, 0.0  # since the last logged step
@@ -281,7 +287,6 @@ class Trainer:
                 last.update(ev)
             if self.step % t.save_every == 0 or self.step == t.max_steps:
                 save_checkpoint(self)
-        bar.close()
         return last
 
     def train_step(self, indices: list[int]) -> dict:
