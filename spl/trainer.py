@@ -126,7 +126,9 @@ class Trainer:
         model.activation_checkpointing = t.activation_checkpointing
         torch.manual_seed(t.seed)  # the reward head starts the same on every rank (FSDP does not broadcast)
         self.scorer = Scorer(model, t.logprob_impl, reward_head=t.mode == "reward").to(env.device)
-        self.base_fingerprint = base_fingerprint(model) if t.mode == "spl" else ""  # before FSDP shards
+        # Keys precomputed reference log-probs (spl/reference.py); taken before FSDP shards the weights.
+        cached = t.mode == "spl" and (t.ref_cache is not None or not self.lora)
+        self.base_fingerprint = base_fingerprint(model) if cached else ""
         self.wrapped = self._wrap(self.scorer)
         # Each rank its own stream, so LoRA dropout masks differ across ranks (shared seeds would
         # correlate them); the weights above were initialized identically before this.

@@ -78,8 +78,9 @@ def adapter_init(key: str, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
 def test_kill_and_resume_equals_uninterrupted(demo_run, tmp_path):
     """SIGKILL a run after its step-10 checkpoint; ``train.resume=true`` ends where a clean run ends."""
     common = ["train.max_steps=40", "train.save_every=5", "train.warmup_steps=2", "lora.dropout=0.1",
-              "train.batch_size=16", "train.micro_batch_size=8"]  # dropout + accumulation: RNG and
-    # data position must both be restored for the results to match
+              "train.batch_size=16", "train.micro_batch_size=8", "train.log_every=1"]  # dropout +
+    # accumulation: RNG and data position must both be restored for the results to match; every
+    # step is logged, so the killed run logged steps past its checkpoint that must not appear twice
     clean = with_reference(demo_run, tmp_path / "clean")
     run_script(["train.py", f"train.out_dir={clean}", *common])
     killed = with_reference(demo_run, tmp_path / "killed")
@@ -101,6 +102,8 @@ def test_kill_and_resume_equals_uninterrupted(demo_run, tmp_path):
     a, b = adapter(clean), adapter(killed)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    steps = lambda run: [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    assert steps(killed) == steps(clean) == list(range(1, 41))
 
 
 def test_alpha_equal_beta_is_dpo_and_collapses(demo_run, tmp_path):
