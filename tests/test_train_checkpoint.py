@@ -215,3 +215,15 @@ def test_dcp_index_is_never_unpickled_blindly(sharded_run, tmp_path):
         load_sharded_model(step)
     assert not (tmp_path / "pwned").exists() and not Path("pwned").exists()
 
+
+
+def test_sharded_save_adds_little_host_memory(tmp_path):
+    """While saving, each rank's resident memory grows by less than its own shard (DCP writes the
+    shards where they are), while the old full gather put the whole state on rank 0.
+    (benchmarks/bench_checkpoint.py, small; RESULTS.md has the numbers at a larger size.)"""
+    out = run_script(["benchmarks/bench_checkpoint.py", "--dim", "256", "--layers", "4"], nproc=2)
+    rows = json.loads(out.stdout.strip().splitlines()[-1])
+    full = sum(r["shard"] for r in rows)
+    for r in rows:
+        assert r["sharded"] < 0.5 * r["shard"], rows
+    assert rows[0]["gathered"] > 0.9 * full, rows  # what the sharded save avoids
