@@ -745,6 +745,8 @@ def load_for_inference(path: str | os.PathLike, *, adapter: str | os.PathLike | 
         has_adapter = True
     elif trained and (src / "dcp").is_dir():
         model, head = load_sharded_model(src, dtype=dtype, device=device)
+    elif trained and (src / "model").is_dir():  # merged weights: runs written before sharded saves
+        model, _ = load_model(src / "model", dtype=dtype, device=device)
     else:
         model, _ = load_model(src, dtype=dtype, device=device)
     if (src / "reward_head.safetensors").is_file():
