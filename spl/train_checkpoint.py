@@ -137,8 +137,14 @@ def truncate_metrics(path: Path, step: int) -> None:
     checkpoint are logged again by the resumed run, and must not appear twice."""
     if not path.is_file():
         return
+    def before(line: str) -> bool:
+        try:
+            return json.loads(line).get("step", 0) <= step
+        except ValueError:  # a line torn by the kill
+            return False
+
     lines = path.read_text().splitlines()
-    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    kept = [line for line in lines if before(line)]
     if len(kept) != len(lines):
         atomic_write_text(path, "".join(line + "\n" for line in kept))
 

@@ -151,7 +151,7 @@ def test_files_and_directories_are_synced_before_latest_moves(tiny_hf_model, tmp
 
 def test_run_directory_policy(tmp_path):
     """Overwrite clears the old run; stale temporaries go at start; resume needs a real ``latest``."""
-    from spl.train_checkpoint import prepare_run_dir
+    from spl.train_checkpoint import prepare_run_dir, truncate_metrics
 
     run = tmp_path / "run"
     (run / "checkpoints" / "step_0000004").mkdir(parents=True)
@@ -168,6 +168,10 @@ def test_run_directory_policy(tmp_path):
         prepare_run_dir(cfg("train.resume=true"), DistEnv())
     prepare_run_dir(cfg("train.overwrite=true"), DistEnv())
     assert sorted(p.name for p in run.iterdir()) == []
+    metrics = run / "metrics.jsonl"
+    metrics.write_text('{"step": 1}\n{"step": 2, "eval_loss": 1}\n{"step": 3}\n{"step": 4, "lo')
+    truncate_metrics(metrics, 2)  # what a resume from step 2 keeps; the torn line goes too
+    assert metrics.read_text() == '{"step": 1}\n{"step": 2, "eval_loss": 1}\n'
 
 
 def test_export_gives_a_model_transformers_reads(sharded_run, tmp_path):
