@@ -203,7 +203,7 @@ def save_checkpoint(trainer) -> Path:
             tmp.mkdir(parents=True)
     except failure_types as err:
         error = _failure(err)
-    raise_together(env, _write_error(final, error, last_good))
+    _settle(env, error, final, last_good)
     try:
         state = {"step": trainer.step, "data": trainer.batches.state_dict(),
                  "scheduler": trainer.scheduler.state_dict(), "world_size": env.world_size,
@@ -234,7 +234,7 @@ def save_checkpoint(trainer) -> Path:
                 shutil.copyfile(trainer.tokenizer_path, tmp / "tokenizer.model")
     except failure_types as err:
         error = _failure(err)
-    raise_together(env, _write_error(final, error, last_good))
+    _settle(env, error, final, last_good)
     if env.is_main:
         try:
             fsync_tree(tmp)
@@ -249,23 +249,23 @@ def save_checkpoint(trainer) -> Path:
                 shutil.rmtree(p, ignore_errors=True)
         except OSError as err:
             error = _failure(err)
-            shutil.rmtree(tmp, ignore_errors=True)
-    raise_together(env, _write_error(final, error, last_good))
+    _settle(env, error, final, last_good)
     return final
 
 
-def _write_error(final: Path, error: str | None, last_good: Path | None) -> str | None:
-    if error is None:
-        return None
-    tmp = final.parent / f".tmp_{final.name}"
-    shutil.rmtree(tmp, ignore_errors=True)  # idempotent on every rank; a shared directory is fine
-    try:  # a full disk often surfaces as a short write deep inside torch.save: say how full it is
-        free = f" ({shutil.disk_usage(final.parent).free / 2**30:.1f} GiB free there)"
-    except OSError:
-        free = ""
-    return (f"cannot write checkpoint {final}: {error}{free}. Last good checkpoint: "
-            f"{last_good or 'none written yet'}; free space or fix the directory, then continue with "
-            "train.resume=true")
+def _settle(env: DistEnv, error: str | None, final: Path, last_good: Path | None) -> None:
+    """Collective: if any rank failed to write, remove the temporary directory and raise on all."""
+    try:
+        raise_together(env, error)
+    except TrainingError as err:
+        shutil.rmtree(final.parent / f".tmp_{final.name}", ignore_errors=True)  # every rank: idempotent
+        try:  # a full disk often surfaces as a short write deep inside torch.save: say how full it is
+            free = f" ({shutil.disk_usage(final.parent).free / 2**30:.1f} GiB free there)"
+        except OSError:
+            free = ""
+        raise TrainingError(f"cannot write checkpoint {final}: {err}{free}. Last good checkpoint: "
+                            f"{last_good or 'none written yet'}; free space or fix the directory, then "
+                            "continue with train.resume=true") from None
 
 
 def _save_adapter_files(trainer, out: Path, opt_tensors: dict[str, torch.Tensor]) -> None:
