@@ -209,20 +209,21 @@ def save_checkpoint(trainer) -> Path:
                  "scheduler": trainer.scheduler.state_dict(), "world_size": env.world_size,
                  "mode": t.mode, "lora": trainer.lora}
         if trainer.lora:
-            opt_tensors, state["optimizer_param_groups"] = _flat_optimizer_state(trainer)
+            opt_tensors, groups = _flat_optimizer_state(trainer)
             if env.is_main:
                 _save_adapter_files(trainer, tmp, opt_tensors)
         else:
             import torch.distributed.checkpoint as dcp
             from torch.distributed.checkpoint import FileSystemWriter
 
-            sharded, state["optimizer_param_groups"] = _sharded_state(trainer)
+            sharded, groups = _sharded_state(trainer)
             with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
                 warnings.filterwarnings("ignore", message=".*single process")
                 dcp.save(sharded, storage_writer=FileSystemWriter(str(tmp / "dcp"), sync_files=True))
             if env.is_main:
                 hf = model_config_to_hf(trainer.scorer.model.cfg)
                 (tmp / SHARDED_CONFIG).write_text(json.dumps(hf, indent=2) + "\n")
+        state["optimizer"] = {"param_groups": groups}  # hyperparameters; the tensors are saved above
         rng = {"cpu": torch.get_rng_state()}
         if env.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(env.device)
@@ -306,7 +307,7 @@ def load_checkpoint(trainer, path: Path) -> None:
             flat = load_file(path / "optimizer.safetensors")
         except (OSError, ValueError) as err:  # safetensors' errors are ValueErrors or OSErrors
             raise TrainingError(f"{path}: cannot resume from it ({err})") from None
-        osd: dict = {"state": {}, "param_groups": state["optimizer_param_groups"]}
+        osd: dict = {"state": {}, "param_groups": state["optimizer"]["param_groups"]}
         for key, v in flat.items():
             name, k = key.split("::")
             osd["state"].setdefault(name, {})[k] = v
@@ -324,7 +325,7 @@ def load_checkpoint(trainer, path: Path) -> None:
         set_model_state_dict(trainer.wrapped, sharded["model"])
         set_optimizer_state_dict(trainer.wrapped, trainer.optimizer,
                                  {"state": sharded["optim"]["state"],
-                                  "param_groups": state["optimizer_param_groups"]})
+                                  "param_groups": state["optimizer"]["param_groups"]})
     trainer.scheduler.load_state_dict(state["scheduler"])
     try:
         trainer.batches.load_state_dict(state["data"])
@@ -349,7 +350,7 @@ def _read_state(path: Path) -> dict:
         state = json.loads((path / "trainer_state.json").read_text())
     except (OSError, ValueError) as err:
         raise TrainingError(f"{path / 'trainer_state.json'}: cannot read it ({err})") from None
-    needed = ("step", "data", "scheduler", "world_size", "mode", "lora", "optimizer_param_groups")
+    needed = ("step", "data", "scheduler", "world_size", "mode", "lora", "optimizer")
     missing = [k for k in needed if k not in state]
     if missing:
         raise TrainingError(f"{path / 'trainer_state.json'}: missing {missing}; written by an older spl? "
