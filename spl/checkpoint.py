@@ -601,12 +601,18 @@ _DCP_GLOBALS = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("col
 def _dcp_metadata_unpickler(file):
     import pickle
 
+    inert = (torch.dtype, torch.layout, torch.memory_format)
+
     class Unpickler(pickle.Unpickler):
         def find_class(self, module: str, name: str):
-            found = super().find_class(module, name) if module.startswith(("torch", "pathlib",
-                                                                            "collections")) else None
-            if ((module in _DCP_MODULES and isinstance(found, type)) or (module, name) in _DCP_GLOBALS
-                    or (module == "torch" and isinstance(found, torch.dtype))):
+            # Only plain names (a dotted one could reach any attribute of an allowed module) of
+            # torch, pathlib and collections are even looked up; then only the allow-list passes.
+            found = None
+            if "." not in name and module.split(".")[0] in ("torch", "pathlib", "collections"):
+                found = super().find_class(module, name)
+            dcp_class = module in _DCP_MODULES and isinstance(found, type) and found.__module__ == module
+            allowed = (module, name) in _DCP_GLOBALS or (module == "torch" and isinstance(found, inert))
+            if dcp_class or allowed:
                 return found
             raise CheckpointError(f"{getattr(file, 'name', file)}: refusing to unpickle {module}.{name}: "
                                   "not part of a torch.distributed.checkpoint index")

@@ -214,8 +214,15 @@ class _Payload:
 def test_dcp_index_is_never_unpickled_blindly(sharded_run, tmp_path):
     step = tmp_path / "step"
     shutil.copytree(sharded_run / "checkpoints" / "step_0000004", step)
+    load_sharded_model(step)  # the real index passes the allow-list
     (step / "dcp" / ".metadata").write_bytes(pickle.dumps(_Payload()))
     with pytest.raises(CheckpointError, match=r"refusing to unpickle (posix|os)\.system"):
+        load_sharded_model(step)
+    # A dotted name reaches os.system through torch's own namespace; plain pickle would resolve it.
+    dotted = b"\x80\x04\x8c\x05torch\x8c\x09os.system\x93."
+    assert pickle.loads(dotted) is os.system
+    (step / "dcp" / ".metadata").write_bytes(dotted)
+    with pytest.raises(CheckpointError, match=r"refusing to unpickle torch\.os\.system"):
         load_sharded_model(step)
     assert not (tmp_path / "pwned").exists() and not Path("pwned").exists()
 
