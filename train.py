@@ -25,8 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     from spl.checkpoint import CheckpointError
     from spl.config import ConfigError, load_config
     from spl.data import DataError
-    from spl.distributed import world_size_from_env
-    from spl.trainer import TrainingError, batch_layout, init_distributed, run
+    from spl.distributed import TrainingError, init_distributed, world_size_from_env
+    from spl.trainer import batch_layout, run
 
     # Every rank reads the same files and agrees on collective outcomes (spl/distributed.py), so
     # the errors below are the same on every rank: rank 0 alone reports them.

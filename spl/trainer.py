@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from spl.config import Config, TrainConfig
 from spl.data import BatchIterator
-from spl.distributed import DistEnv, TrainingError, init_distributed, print0  # noqa: F401 (public API)
+from spl.distributed import DistEnv, TrainingError, print0
 from spl.logprobs import sequence_logps
 from spl.lora import disable_adapters
 from spl.losses import bradley_terry_loss, spl_loss
