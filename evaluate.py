@@ -127,7 +127,6 @@ def main(argv: list[str] | None = None) -> int:
     from spl.evaluation.options import EvalConfig
     from spl.evaluation.runner import run_evaluation
     from spl.evaluation.scoring import EvaluationError
-    from spl.trainer import TrainingError
 
     try:
         cfg = EvalConfig(
@@ -145,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
             population=args.population, ece_bins=args.ece_bins, batch_size=args.batch_size,
             device=args.device, dtype=args.dtype)
         run_evaluation(cfg)
-    except (EvaluationError, TrainingError, CheckpointError, DataError, JudgeError, FileNotFoundError) as e:
+    except (EvaluationError, CheckpointError, DataError, JudgeError, FileNotFoundError) as e:
         print(f"evaluate.py: {e}", file=sys.stderr)
         return 1
     return 0

@@ -89,8 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from spl.chat_templates import ChatTemplateError, set_chat_template
+    from spl.checkpoint import CheckpointError, load_for_inference
     from spl.sampling import generate, sample_global_temperature
-    from spl.trainer import TrainingError, load_for_inference
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         loaded = load_for_inference(args.checkpoint, adapter=args.adapter, tokenizer=args.tokenizer,
                                     device=device, dtype=dtype)
-    except (TrainingError, ValueError, FileNotFoundError) as e:
+    except (CheckpointError, ValueError, FileNotFoundError) as e:
         print(f"sample.py: {e}", file=sys.stderr)
         return 1
     model, tok = loaded.model, loaded.tokenizer

@@ -54,8 +54,13 @@ def hf_twin(model, cfg: ModelConfig, device: torch.device, dtype: torch.dtype):
         head_dim=cfg.head_dim, rope_theta=cfg.rope_theta, rms_norm_eps=cfg.norm_eps,  # HF default 1e-6
         sliding_window=cfg.sliding_window, max_position_embeddings=cfg.max_seq_len,
         attn_implementation="sdpa", tie_word_embeddings=False)
-    with torch.device(device):
-        hf = transformers.MistralForCausalLM(hf_cfg).to(dtype).eval()
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # parameters made in ``dtype`` directly: no fp32 copy of a 7B model
+    try:
+        with torch.device(device):
+            hf = transformers.MistralForCausalLM(hf_cfg).eval()
+    finally:
+        torch.set_default_dtype(default)
     state = {(k if k.startswith("lm_head") else "model." + k): v for k, v in model.state_dict().items()}
     hf.load_state_dict(state, strict=True)
     hf.generation_config.eos_token_id = None  # every row generates exactly --new-tokens

@@ -13,7 +13,7 @@ host sync a step). Set-up (issue 4):
 - data: 8 pairs a step, every sequence 256 prompt + 256 response tokens = 512 (no padding), so
   16 x 512 = 8192 tokens a step, 4096 of them in the loss; alpha 0.2, beta 0.1 (the cost does not
   depend on them);
-- 2 warm-up steps (Triton autotuning and compilation, allocator growth), then 5 timed steps.
+- 2 warm-up steps (Triton compilation, allocator growth), then 5 timed steps.
 
 FLOPs convention (one multiply-add = 2 FLOPs). P = parameters of the block projections (6.98B),
 V D = the output projection (0.13B), applied only to the 4096 loss tokens because that is all the

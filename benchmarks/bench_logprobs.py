@@ -2,7 +2,7 @@
 
     python benchmarks/bench_logprobs.py                                  # CPU defaults
     python benchmarks/bench_logprobs.py --dtype bf16 --n 2048 8192 16384 --d 4096 --matmul-rate
-    python benchmarks/bench_logprobs.py --sweep                          # GPU: time kernel configs
+    python benchmarks/bench_logprobs.py --sweep --v 32000 128256         # GPU: chunk sizes, ~30 s
     python benchmarks/bench_logprobs.py --check --n 2048 --v 32000       # accuracy vs float64
 
 Each row runs ``spl.logprobs.sequence_logps(impl=...)`` on B sequences of T tokens (B * T = N,
@@ -133,12 +133,12 @@ def measure(step, inputs, device: torch.device, repeat: int) -> tuple[float, int
 
 
 def bench_row(impl: str, n: int, d: int, v: int, dtype: torch.dtype, device: torch.device, trainable: bool,
-              repeat: int) -> tuple[float, int]:
+              repeat: int, chunk_size: int | None = None) -> tuple[float, int]:
     inputs = make_inputs(n, d, v, dtype, device, trainable)
     hidden, weight, targets, mask, grad = inputs
 
     def step():
-        sequence_logps(hidden, weight, targets, mask, impl=impl).backward(grad)
+        sequence_logps(hidden, weight, targets, mask, impl=impl, chunk_size=chunk_size).backward(grad)
 
     return measure(step, inputs, device, repeat)
 
@@ -179,38 +179,41 @@ def check(device: torch.device, dtype: torch.dtype, n: int, d: int, vs: list[int
 
 
 # ---------------------------------------------------------------------------------------------
-# Kernel-config sweep (GPU)
+# Chunk-size sweep (GPU)
 # ---------------------------------------------------------------------------------------------
 
 
-def sweep(device: torch.device, dtype: torch.dtype, n: int, d: int, v: int, repeat: int) -> None:
-    """Time the Triton path under a few tile/chunk choices; update kernels/heuristics.py from it."""
-    from kernels.fused_logprobs import fused_token_logps
-    from kernels.heuristics import KernelConfig, Tiles
+def sweep(device: torch.device, dtype: torch.dtype, n: int, d: int, vs: list[int], repeat: int) -> None:
+    """Time the Triton path's choices; update kernels/heuristics.py from it.
 
-    logits = [Tiles(128, 128, 64, 8, 3), Tiles(128, 256, 64, 8, 3), Tiles(128, 128, 64, 4, 4)]
-    grads = [Tiles(128, 128, 64, 8, 3), Tiles(128, 256, 32, 8, 3), Tiles(128, 128, 32, 8, 4)]
+    Frozen weight: tokens per chunk (the heuristic's own pick last). Trainable weight: all logits
+    kept for backward against recomputed per chunk (``kernels.heuristics.keep_logits``)."""
+    import spl.logprobs as lp
+    from kernels.heuristics import chunk_rows, device_spec
+
     print(f"Machine: {machine(device)}")
-    print(f"\nTriton config sweep: N={n} D={d} V={v} {dtype}, frozen weight, fwd+bwd ms\n")
-    print("| logits (m, n, k, warps, stages) | grads (m, n, k, warps, stages) | chunk_rows | ms |")
-    print("|---|---|---|---|")
-    for lt, gt, rows in itertools.product(logits, grads, (1024, 2048)):
-        cfg = KernelConfig(logits=lt, hidden_grad=gt, weight_grad=gt, chunk_rows=rows)
-        hidden = torch.randn(n, d, device=device, dtype=dtype).requires_grad_(True)
-        weight = torch.randn(v, d, device=device, dtype=dtype) * 2 / d**0.5
-        targets = torch.randint(0, v, (n,), device=device)
-        g = torch.randn(n, device=device)
-
-        def step(hidden=hidden, weight=weight, targets=targets, cfg=cfg, g=g):
-            fused_token_logps(hidden, weight, targets, config=cfg).backward(g)
-
-        try:
-            ms, _ = measure(step, (hidden, weight), device, repeat)
-            cell = f"{ms:.2f}"
-        except Exception as e:  # a config that fails to compile (e.g. shared memory) is a result too
-            cell = f"failed: {type(e).__name__}"
-        tile = lambda t: f"{t.m}, {t.n}, {t.k}, {t.num_warps}, {t.num_stages}"
-        print(f"| {tile(lt)} | {tile(gt)} | {rows} | {cell} |", flush=True)
+    print(f"\nTriton path sweep: N={n} D={d} {dtype}, fwd+bwd ms, peak extra MB\n")
+    print("| V | weight | chunk tokens | trainable logits | fwd+bwd ms | peak extra MB |")
+    print("|---|---|---|---|---|---|")
+    keep_logits = lp.keep_logits
+    for v in vs:
+        default = chunk_rows(device_spec(device), v, d, torch.tensor([], dtype=dtype).element_size())
+        cases = [("frozen", rows, "-") for rows in (1024, 2048, 4096)] + [("frozen", None, "-")]
+        cases += [("trainable", None, "kept"), ("trainable", None, "recomputed")]
+        for weight, rows, logits in cases:
+            lp.keep_logits = keep_logits if logits == "-" else (lambda *a, keep=logits == "kept": keep)
+            try:
+                ms, peak = bench_row("triton", n, d, v, dtype, device, weight == "trainable", repeat, rows)
+                cells = f"{ms:.2f} | {peak / 2**20:.0f}"
+            except Exception as e:  # e.g. out of memory: a result too
+                cells = f"failed: {type(e).__name__} | -"
+            finally:
+                lp.keep_logits = keep_logits
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            label = f"{rows}" if rows else f"{default} (default)"
+            print(f"| {v} | {weight} | {label} | {logits} | {cells} |", flush=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -240,7 +243,8 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=None,
                         help="timed calls per row (default: GPU 10, CPU 1)")
     parser.add_argument("--matmul-rate", action="store_true", help="measure the matmul floor")
-    parser.add_argument("--sweep", action="store_true", help="time Triton kernel configs (GPU) and exit")
+    parser.add_argument("--sweep", action="store_true",
+                        help="time the Triton path's chunk sizes and kept vs recomputed logits, then exit")
     parser.add_argument("--check", action="store_true",
                         help="accuracy of every impl against float64 at the first N, then exit")
     args = parser.parse_args()
@@ -259,7 +263,7 @@ def main() -> None:
         check(device, dtype, ns[0], d, args.v, impls)
         return
     if args.sweep:
-        sweep(device, dtype, args.n[0] if args.n else 8192, d, args.v[0], repeat)
+        sweep(device, dtype, args.n[0] if args.n else 8192, d, args.v, repeat)
         return
 
     name = "bf16" if dtype == torch.bfloat16 else "fp32"

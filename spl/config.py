@@ -142,11 +142,16 @@ class DataConfig:
     chat_template: str = "auto"
     max_len: int = 512  # prompt + response tokens
     max_prompt_len: int = 256  # prompts are cut from the left first, then responses from the right
-    eval_size: int = 0  # >0: hold out this many training records for eval when eval_path is unset
+    # > 0: hold out this many training records (seeded by train.seed) as the eval set; needs no eval_path
+    eval_size: int = 0
 
     def __post_init__(self) -> None:
         _choice("data.format", self.format, ("auto", "preference", "hh", "sft"))
         _choice("data.chat_template", self.chat_template, CHAT_TEMPLATES)
+        if self.eval_size < 0:
+            raise ConfigError(f"data.eval_size must be >= 0, got {self.eval_size}")
+        if self.eval_size and self.eval_path is not None:
+            raise ConfigError("data.eval_size and data.eval_path both name an eval set; set only one")
         _positive("data.max_len", self.max_len)
         _positive("data.max_prompt_len", self.max_prompt_len)
         if self.max_prompt_len >= self.max_len:
@@ -175,7 +180,9 @@ class TrainConfig:
     schedule: str = "cosine"  # cosine | linear | constant, after linear warmup
     min_lr_ratio: float = 0.1  # decay floor as a fraction of lr
     batch_size: int = 64  # pairs (or sequences) per optimizer step, over all ranks
-    micro_batch_size: int = 64  # pairs per forward on each rank; accumulation makes up the rest
+    # Pairs per forward on each rank; accumulation makes up the rest. "auto": the whole per-rank
+    # share (batch_size / ranks) in one forward; an integer must divide that share (bounds memory).
+    micro_batch_size: int | str = "auto"
     grad_clip: float = 1.0  # max global grad norm; 0 disables
     seed: int = 0
     precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU; or fp32 / bf16
@@ -188,6 +195,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     out_dir: str = "runs/demo"
     resume: bool = False  # continue from out_dir's latest checkpoint
+    overwrite: bool = False  # start afresh in an out_dir that already holds a run (deletes its checkpoints)
     report_to: list[str] = field(default_factory=list)  # also log to: tensorboard, wandb (spl/reporting.py)
 
     def __post_init__(self) -> None:
@@ -201,9 +209,15 @@ class TrainConfig:
         if not self.beta >= 0:
             raise ConfigError(f"train.beta must be >= 0, got {self.beta}")
         _positive("train.lr", self.lr)
-        for name in ("max_steps", "batch_size", "micro_batch_size", "log_every", "eval_every",
-                     "save_every", "keep_checkpoints"):
+        for name in ("max_steps", "batch_size", "log_every", "eval_every", "save_every", "keep_checkpoints"):
             _positive(f"train.{name}", getattr(self, name))
+        if self.micro_batch_size != "auto":
+            if isinstance(self.micro_batch_size, str):
+                raise ConfigError(f"train.micro_batch_size must be 'auto' or a positive integer, got "
+                                  f"{self.micro_batch_size!r}")
+            _positive("train.micro_batch_size", self.micro_batch_size)
+        if self.resume and self.overwrite:
+            raise ConfigError("train.resume and train.overwrite contradict each other; set one")
         if self.warmup_steps < 0 or self.weight_decay < 0 or self.grad_clip < 0:
             raise ConfigError("train.warmup_steps, train.weight_decay and train.grad_clip must be >= 0")
         if not 0 <= self.min_lr_ratio <= 1:
@@ -273,6 +287,9 @@ def _check_type(name: str, value, annotation):
         if optional:
             return None
         raise ConfigError(f"{name} may not be null")
+    others = [a for a in args if a not in (type(None), base)]
+    if others and isinstance(value, tuple(others)):  # int | str: "auto" or a count
+        return value
     if typing.get_origin(base) is list:
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise ConfigError(f"{name} must be a list of strings, got {value!r}")

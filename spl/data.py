@@ -31,7 +31,9 @@ Batch contract (collate_preference / collate_sft; the trainer relies on exactly 
   targets     (N, T) long  targets[:, t] = input_ids[:, t + 1]; the last column is pad
   loss_mask   (N, T) bool  aligned with targets: True exactly where targets[:, t] is a response token
   last_index  (N,)   long  position of each row's last real token (the reward model's scalar head)
-  index       (B,)   long  dataset positions of the batch's items (added by BatchIterator only)
+  index       (B,)   long  dataset positions of the batch's items (added by dataset.collate)
+  ref_logps   (N,)   float reference log-probs of each row, when the dataset carries them
+                           (``dataset.ref_logps``, one (chosen, rejected) row per item)
 T is the longest full sequence, rounded up to pad_to_multiple_of: the last target column is therefore
 always padding, a column wasted so that one tensor serves the policy, the reference and the reward
 model (whose head reads the final token as an input).
@@ -428,17 +430,25 @@ def _encode_sft(text: SFTText, tok: Tokenizer, where: Where) -> tuple[list[int],
 # --------------------------------------------------------------------------------------- datasets
 
 class _TokenizedDataset(list):
-    """A list of examples, plus the loader's `stats` (read, kept, skipped, truncated) and `pad_id`."""
+    """A list of examples, plus the loader's `stats` (read, kept, skipped, truncated) and `pad_id`.
+
+    `ref_logps` (N, 2), when set, is a column of per-item reference log-probs (chosen, rejected):
+    collate hands each batch its own rows of it, so they cannot be paired with other items.
+    """
 
     def __init__(self, items: Iterable, stats: dict[str, int], pad_id: int) -> None:
         super().__init__(items)
         self.stats, self.pad_id = stats, pad_id
+        self.ref_logps: torch.Tensor | None = None
 
     def collate(self, indices: list[int], pad_to_multiple_of: int = 1) -> dict:
-        """The batch dict for items at `indices`, with "index" (B,) naming them (for caches)."""
+        """The batch dict for items at `indices`, with "index" (B,) naming them."""
         collate = collate_preference if isinstance(self, PreferenceDataset) else collate_sft
         batch = collate([self[i] for i in indices], self.pad_id, pad_to_multiple_of)
         batch["index"] = torch.tensor(indices, dtype=torch.long)  # (B,)
+        if self.ref_logps is not None:
+            rows = self.ref_logps[batch["index"]]  # (B, 2)
+            batch["ref_logps"] = torch.cat([rows[:, 0], rows[:, 1]])  # (2B,) chosen rows, then rejected
         return batch
 
     def fingerprint(self) -> str:
@@ -613,14 +623,19 @@ class BatchIterator:
     def _batch(self, epoch: int, index: int) -> dict:
         return self.dataset.collate(self.batch_indices(epoch, index), self.pad_to_multiple_of)
 
-    def __iter__(self) -> Iterator[dict]:
-        """Batches forever, from the saved position on, across epochs."""
+    def indices(self) -> Iterator[list[int]]:
+        """This rank's dataset positions of each batch, forever, from the saved position on."""
         while True:
             if self._index >= len(self):
                 self._epoch, self._index = self._epoch + 1, 0
             # Advance before yielding, so state_dict() taken after a batch names the next one.
             self._index += 1
-            yield self._batch(self._epoch, self._index - 1)
+            yield self.batch_indices(self._epoch, self._index - 1)
+
+    def __iter__(self) -> Iterator[dict]:
+        """Batches forever, from the saved position on, across epochs."""
+        for indices in self.indices():
+            yield self.dataset.collate(indices, self.pad_to_multiple_of)
 
     def epoch(self, epoch: int) -> Iterator[dict]:
         """The batches of one epoch, once (evaluation); the training position is left alone."""

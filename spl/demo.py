@@ -187,8 +187,8 @@ def run_demo(cfg: Config, env) -> dict:
         model = Transformer(demo_model_config(tok.vocab_size, cfg.model.preset)).to(env.device)
         sft_cfg = replace(cfg, lora=replace(cfg.lora, enabled=False),
                           train=replace(cfg.train, mode="sft", lr=3e-3, max_steps=200, warmup_steps=10,
-                                        out_dir=str(out / "reference_run"), resume=False, ref_cache=None,
-                                        eval_every=10**9, save_every=10**9, report_to=[]))
+                                        out_dir=str(out / "reference_run"), resume=False, overwrite=True,
+                                        ref_cache=None, eval_every=10**9, save_every=10**9, report_to=[]))
         sft = SFTDataset.from_records(reference_records(cfg.train.seed), tok, **data_kw)
         print0(env, f"stage 1/2: fitting the reference policy ({len(sft)} answers, uniform over options)")
         Trainer(sft_cfg, DistEnv(device=env.device), model, sft, tokenizer_path=str(fresh)).train()

@@ -477,3 +477,14 @@ def test_scripts_resolve_print_save_and_refuse(zephyr_model: Path, tmp_path: Pat
     assert bad.returncode == 1 and "does not fit tokenizer" in bad.stderr and "Traceback" not in bad.stderr
     bad = run_script(["evaluate.py", "--checkpoint", str(out), "--chat-template", "chatml"], check=False)
     assert bad.returncode == 1 and "--chat-template must be one of auto, mistral-v1" in bad.stderr
+
+
+def test_demo_checkpoints_and_exports_say_plain_text(demo_run: Path, tmp_path: Path) -> None:
+    """Every directory our code writes carries its template: the demo's run, its reference model
+    (which sample.py and evaluate.py are pointed at too) and a merged export."""
+    from spl.export import export
+
+    exported = export(demo_run, out=tmp_path / "merged")
+    tok = Tokenizer(demo_run / "reference" / "tokenizer.model")  # a 160-piece BPE: nothing to go on
+    for d in (demo_run, demo_run / "reference", exported):
+        assert resolve_chat_template("auto", tok, [d])[0] == "none", d
