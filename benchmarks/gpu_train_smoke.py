@@ -31,8 +31,8 @@ import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 HH = ROOT / "tests" / "fixtures" / "hh_rlhf_sample.jsonl"
-COMMON = ["data.format=hh", "data.max_len=256", "data.max_prompt_len=192", "train.batch_size=8",
-          "train.micro_batch_size=4",
+COMMON = ["data.chat_template=mistral-v1", "data.format=hh", "data.max_len=256", "data.max_prompt_len=192",
+          "train.batch_size=8", "train.micro_batch_size=4",
           "train.max_steps=20", "train.save_every=10", "train.warmup_steps=2", "train.log_every=5",
           "train.lr=1e-5", "train.alpha=0.2", "lora.dropout=0.0"]
 

@@ -28,8 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 HH = ROOT / "tests" / "fixtures" / "hh_rlhf_sample.jsonl"
 SPLIT = ROOT / "tests" / "fixtures" / "hh_rlhf_sample_split.jsonl"
-SMALL = ["data.max_len=96", "data.max_prompt_len=64", "train.batch_size=4", "train.warmup_steps=0",
-         "train.log_every=1"]
+SMALL = ["data.chat_template=mistral-v1", "data.max_len=96", "data.max_prompt_len=64", "train.batch_size=4",
+         "train.warmup_steps=0", "train.log_every=1"]
 
 
 def sh(args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
