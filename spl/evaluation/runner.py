@@ -298,7 +298,7 @@ def run_evaluation(cfg: EvalConfig) -> dict:
             for dataset in (d for d in cfg.datasets if d in suites.BESTOFN_DATASETS):
                 problems = suites.load_bestofn_problems(dataset, sizes["bestofn_limit"], cfg.seed)
                 for setting in settings:
-                    completions, cut = suites.bestofn_generate(
+                    completions, cut, sampler = suites.bestofn_generate(
                         em, dataset, problems, setting, num_samples=sizes["bestofn_samples"],
                         max_new_tokens=sizes["bestofn_max_new_tokens"], batch_size=cfg.batch_size,
                         seed=cfg.seed)
@@ -307,7 +307,7 @@ def run_evaluation(cfg: EvalConfig) -> dict:
                                 [{"dataset": dataset, "id": p.id, "completion": c, "model": curve}
                                  for p, cs in zip(problems, completions, strict=True) for c in cs])
                     difficulty = _add_best_of_n(results, curves, dataset, curve, problems, completions,
-                                                difficulty, cut)
+                                                difficulty, cut, sampler)
 
         del em
         gc.collect()
@@ -343,7 +343,8 @@ def run_evaluation(cfg: EvalConfig) -> dict:
 
 
 def _add_best_of_n(results: dict, curves: dict, dataset: str, curve: str, problems: list, completions: list,
-                   difficulty: dict[str, str] | None, cut: int) -> dict[str, str] | None:
+                   difficulty: dict[str, str] | None, cut: int, sampler: dict | None = None
+                   ) -> dict[str, str] | None:
     """Score one model's completions on one dataset into ``results`` and ``curves``.
 
     The first GSM8K model scored also fixes the difficulty splits for every later one.
@@ -356,7 +357,7 @@ def _add_best_of_n(results: dict, curves: dict, dataset: str, curve: str, proble
                                        difficulty if dataset == "gsm8k" else None)
     for split, row in summary["splits"].items():
         if split == "all":
-            row = {**row, "prompts_truncated": cut}
+            row = {**row, "prompts_truncated": cut, **(sampler or {})}  # + how global-T samples were drawn
         results.setdefault("best_of_n", {}).setdefault(dataset, {}).setdefault(split, {})[curve] = row
         curves.setdefault(dataset, {})[f"{split} {curve}"] = {
             int(k[5:]): v for k, v in row.items() if k.startswith("pass@")}

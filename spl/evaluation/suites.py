@@ -153,11 +153,11 @@ def diversity_suite(policy: EvalModel, prompts: Sequence[Prompt], setting: Sampl
     encoded = [fit_prompt(policy.encode_prompt(p), budget, tok.bos_id) for p in prompts]
     prompt_ids = [ids for ids, _ in encoded]
     generator = torch.Generator(device=policy.device).manual_seed(seed)
+    # Responses end where a plain-text model starts the next "Human:" turn; text and ids are cut there.
+    stops = () if policy.chat else HH_STOP
     samples = sample_responses(policy, prompt_ids, setting, num_samples=num_samples,
                                max_new_tokens=max_new_tokens, batch_size=batch_size, generator=generator,
-                               desc=f"diversity {policy.name} {setting.label}")
-    # Responses as text (cut where a plain-text model starts the next "Human:" turn) and as ids.
-    stops = () if policy.chat else HH_STOP
+                               desc=f"diversity {policy.name} {setting.label}", stop=stops)
     texts, resp_ids, finished = [], [], []
     for toks, fins in zip(samples.tokens, samples.finished, strict=True):
         cut = [response_text(tok, t, stops) for t in toks]
@@ -213,9 +213,7 @@ def diversity_suite(policy: EvalModel, prompts: Sequence[Prompt], setting: Sampl
     means, stderr = _summaries(per_prompt)
     summary = {"prompts": len(prompts), "samples_per_prompt": n,
                "prompts_truncated": sum(cut for _, cut in encoded), **means}
-    if samples.ess:
-        summary["sampler_mean_ess"] = float(np.mean(samples.ess))
-        summary["sampler_min_ess"] = float(np.min(samples.ess))
+    summary.update(samples.sampler_summary())  # how the global-temperature samples were drawn
     records = [{"prompt_id": prompts[i].id, "sample": j, "response": texts[i][j], "finished": finished[i][j]}
                for i, j in flat]
     details = {"prompt_ids": [p.id for p in prompts], **per_prompt}
@@ -263,16 +261,20 @@ def solution_of(dataset: str, completion: str) -> str:
 
 def bestofn_generate(policy: EvalModel, dataset: str, problems: Sequence[MathProblem],
                      setting: SamplingSetting, *, num_samples: int, max_new_tokens: int, batch_size: int,
-                     seed: int) -> tuple[list[list[str]], int]:
-    """``num_samples`` completions (text) per problem, and how many prompts had to be cut to fit."""
+                     seed: int) -> tuple[list[list[str]], int, dict]:
+    """``num_samples`` completions (text) per problem, how many prompts had to be cut to fit, and
+    the global-temperature sampler's diagnostics ({} for token-level sampling). Generation stops at
+    the dataset's stop strings (the next few-shot question); answers are read before them."""
     tok = policy.tokenizer
     encoded = [fit_prompt(policy.encode_prompt(bestofn_prompt(dataset, p)), policy.max_len - max_new_tokens,
                           tok.bos_id) for p in problems]
     generator = torch.Generator(device=policy.device).manual_seed(seed)
     samples = sample_responses(policy, [ids for ids, _ in encoded], setting, num_samples=num_samples,
                                max_new_tokens=max_new_tokens, batch_size=batch_size, generator=generator,
-                               desc=f"{dataset} {policy.name} {setting.label}")
-    return [[tok.decode(t) for t in toks] for toks in samples.tokens], sum(cut for _, cut in encoded)
+                               desc=f"{dataset} {policy.name} {setting.label}",
+                               stop=GSM8K_STOP if dataset == "gsm8k" else MATH_STOP)
+    return ([[tok.decode(t) for t in toks] for toks in samples.tokens], sum(cut for _, cut in encoded),
+            samples.sampler_summary())
 
 
 def best_of_n_summary(dataset: str, problems: Sequence[MathProblem], completions: Sequence[Sequence[str]],
@@ -302,6 +304,8 @@ def best_of_n_summary(dataset: str, problems: Sequence[MathProblem], completions
         redundancy = [metrics.redundancy_fraction([solution_of(dataset, s) for s in completions[i]],
                                                   correct[i]) for i in idx]
         row["redundant_solutions"] = _mean(redundancy)
+        # How many of the n samples differ at all: copies say nothing new about pass@k.
+        row["distinct_samples"] = _mean([len({solution_of(dataset, s) for s in completions[i]}) for i in idx])
         row["problems_with_a_correct_solution"] = sum(ci > 0 for ci in c)
         splits[split] = row
     return {"splits": splits, "correct": correct}
