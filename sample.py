@@ -24,8 +24,13 @@ def fail(message: str):
     raise SystemExit(2)
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        fail(message)  # one line: argparse would print the whole usage block first
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default="runs/demo",
                    help="a train.py run directory or one of its step_* checkpoints, or an HF-layout / "
                         "original-layout model directory (default: runs/demo)")

@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 from spl.config import ModelConfig
-from spl.global_temperature import importance_resample, smc_sample
+from spl.global_temperature import importance_resample, sample_global_temperature, smc_sample
 from spl.model import Transformer
 from spl.sampling import generate
 
@@ -52,15 +52,15 @@ def markov_model(vocab_size: int = 16, scale: float = 3.0) -> Transformer:
     with torch.no_grad():
         model.embed_tokens.weight.normal_(0, 1)
         model.lm_head.weight.mul_(scale)
-        for layer in model.layers:  # no attention, no MLP: logits = lm_head(norm(embedding of the last token))
+        for layer in model.layers:  # no attention, no MLP: logits = lm_head(norm(last token's embedding))
             layer.self_attn.o_proj.weight.zero_()
             layer.mlp.down_proj.weight.zero_()
     return model
 
 
 def random_model() -> Transformer:
-    cfg = ModelConfig(dim=64, n_layers=2, head_dim=16, hidden_dim=128, n_heads=4, n_kv_heads=2, vocab_size=64,
-                      rope_theta=1e4, max_seq_len=1024)
+    cfg = ModelConfig(dim=64, n_layers=2, head_dim=16, hidden_dim=128, n_heads=4, n_kv_heads=2,
+                      vocab_size=64, rope_theta=1e4, max_seq_len=1024)
     torch.manual_seed(0)
     model = Transformer(cfg).eval()
     with torch.no_grad():
@@ -132,16 +132,23 @@ def mean_tv(a: torch.Tensor, b: torch.Tensor) -> float:
     return 0.5 * float((a - b).abs().sum(-1).mean())
 
 
-def methods(budget: float) -> dict:
-    """name -> sampler call with about ``budget`` x k * L row-tokens per prompt (SMC's cost is one
-    row-token per particle and step; a move from position j of t costs t - j + 1 per row)."""
+def methods(budget: float, length: int) -> dict:
+    """name -> sampler call. ``resample`` and ``smc`` get n = budget x k candidates (one row-token per
+    candidate and step); ``smc n=2k`` and ``resample-move`` share 2k particles, so the pair shows
+    what rejuvenation buys at fixed memory, and at what compute (each move from position j at
+    step t costs t - j + 1 row-tokens per particle: it is left out beyond 128 tokens, where that
+    reaches ~50-100 x k L); ``auto`` is what ``sample.py --global-temp T`` runs by default."""
     n = int(budget * K)
-    return {
+    calls = {
         "resample": lambda *a, **kw: importance_resample(*a, num_candidates=n, **kw),
         "smc": lambda *a, **kw: smc_sample(*a, num_candidates=n, moves=0, **kw),
-        "smc+final moves": lambda *a, **kw: smc_sample(*a, num_candidates=n - 2 * K, moves=2, _schedule="final", **kw),
-        "resample-move": lambda *a, **kw: smc_sample(*a, num_candidates=2 * K, moves=1, _schedule="doubling", **kw),
+        "smc n=2k": lambda *a, **kw: smc_sample(*a, num_candidates=2 * K, moves=0, **kw),
+        "resample-move n=2k": lambda *a, **kw: smc_sample(*a, num_candidates=2 * K, moves=1, **kw),
+        "auto (default)": lambda *a, **kw: sample_global_temperature(*a, **kw),
     }
+    if length > 128:
+        del calls["resample-move n=2k"]
+    return calls
 
 
 def run(model, prompts, eos, L, T, budget, exact=None, names=None):
@@ -151,9 +158,9 @@ def run(model, prompts, eos, L, T, budget, exact=None, names=None):
     if exact is not None:
         g = torch.Generator().manual_seed(0)
         floor = sum(mean_tv(marginal_table(exact.sample(len(prompts) * K, g), L, exact.V), exact.table)
-                    for _ in range(5)) / 5
+                    for _ in range(5)) / 5  # the same statistic for exact samples: the noise floor
     rows = []
-    for name, fn in methods(budget).items():
+    for name, fn in methods(budget, L).items():
         if names and name not in names:
             continue
         start = time.perf_counter()
@@ -167,16 +174,16 @@ def run(model, prompts, eos, L, T, budget, exact=None, names=None):
         rows.append(dict(method=name, n=n, distinct=float(out.distinct_samples.float().mean()),
                          lineages=float(out.distinct_lineages.float().mean()),
                          ess=float(out.ess.mean() / n), min_ess=float(out.min_step_ess.mean() / n),
-                         tv=tv, floor=floor, cost_kl=float(cost / (K * L)), cost_plain=float(cost / plain_cost),
-                         seconds=seconds))
+                         tv=tv, floor=floor, cost_kl=float(cost / (K * L)),
+                         cost_plain=float(cost / plain_cost), seconds=seconds))
     return rows
 
 
 def fmt(model_name, L, T, r) -> str:
     tv = f"{r['tv']:.3f} ({r['floor']:.3f})" if r["tv"] is not None else "-"
-    return (f"| {model_name} | {L} | {T:g} | {r['method']} | {r['n']} | {r['distinct']:.1f} | {r['lineages']:.1f} | "
-            f"{r['ess']:.2f} / {r['min_ess']:.2f} | {tv} | {r['cost_kl']:.1f} | {r['cost_plain']:.1f} | "
-            f"{r['seconds']:.1f} |")
+    return (f"| {model_name} | {L} | {T:g} | {r['method']} | {r['n']} | {r['distinct']:.1f} | "
+            f"{r['lineages']:.1f} | {r['ess']:.2f} / {r['min_ess']:.2f} | {tv} | {r['cost_kl']:.1f} | "
+            f"{r['cost_plain']:.1f} | {r['seconds']:.1f} |")
 
 
 def main() -> None:
@@ -194,7 +201,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     names = [m for m in args.methods.split(",") if m]
     lines = ["| model | L | T | method | n | distinct of 16 | lineages | ESS / n (final / min) | "
-             "TV (floor) | cost / kL | cost / plain | s |", "|---|---:|---:|---|---:|---:|---:|---|---|---:|---:|---:|"]
+             "TV (floor) | cost / kL | cost / plain | s |",
+             "|---|---:|---:|---|---:|---:|---:|---|---|---:|---:|---:|"]
     print("\n".join(lines), flush=True)
     for model_name in args.models.split(","):
         if model_name == "demo":

@@ -68,7 +68,7 @@ def enum_model() -> Transformer:
 
 @torch.no_grad()
 def enumerate_states(model: Transformer, prompt: list[int], t: int, T: float, token_temperature: float = 1.0,
-                     look_ahead: bool = False) -> dict[tuple[int, ...], float]:
+                     look_ahead: bool = False, eos: int = EOS) -> dict[tuple[int, ...], float]:
     """log of the unnormalized target over the states after t steps: finished responses (EOS within
     t) get log pi(y) / T; running ones (t tokens, no EOS) too, plus log Z_t(y) with ``look_ahead``.
     With ``token_temperature`` the log-probs are the token-tempered model's instead (and T = 1)."""
@@ -79,8 +79,8 @@ def enumerate_states(model: Transformer, prompt: list[int], t: int, T: float, to
         lp = (logits / token_temperature).log_softmax(-1)
         nxt = []
         for (p, logp), row in zip(frontier, lp.tolist(), strict=True):
-            for v in range(V):
-                if v == EOS:
+            for v in range(model.cfg.vocab_size):
+                if v == eos:
                     out[p + (v,)] = (logp + row[v]) / T
                 else:
                     nxt.append((p + (v,), logp + row[v]))
@@ -123,8 +123,8 @@ def noise_floor(p: dict, m: int, draws: int = 20) -> tuple[float, float]:
     gen = torch.Generator().manual_seed(0)
     tv, tv_len = 0.0, 0.0
     for _ in range(draws):
-        draws = torch.multinomial(probs, m, replacement=True, generator=gen)
-        counts = torch.bincount(draws, minlength=len(ys))
+        picks = torch.multinomial(probs, m, replacement=True, generator=gen)
+        counts = torch.bincount(picks, minlength=len(ys))
         emp = {y: c / m for y, c in zip(ys, counts.tolist(), strict=True) if c}
         tv += total_variation(emp, p) / draws
         tv_len += total_variation(lengths(emp), lengths(p)) / draws
@@ -185,11 +185,11 @@ def test_global_temperature_is_exact(enum_model, exact, method, T):
 
 
 @torch.inference_mode()
-def forced(model: Transformer, samples: list[tuple[int, ...]], t: int, T: float, stop=None
+def forced(model: Transformer, samples: list[tuple[int, ...]], t: int, T: float, eos: int = EOS
            ) -> tuple[Rollout, _Particles]:
     """A rollout driven through ``samples`` (as smc_sample's bookkeeping would record them) up to
     step t: mid-decoding (t < BUDGET, the look-ahead folded in) or ended (t = BUDGET)."""
-    rollout = Rollout(model, [PROMPT], len(samples), BUDGET, EOS, stop=stop, rewindable=True)
+    rollout = Rollout(model, [PROMPT], len(samples), BUDGET, eos, rewindable=True)
     parts = _Particles(rollout, len(samples), BUDGET)
     step = 0
     while True:
@@ -198,7 +198,7 @@ def forced(model: Transformer, samples: list[tuple[int, ...]], t: int, T: float,
         parts.log_z[rollout.rows[live], step] = log_z[live]
         if step == t:
             return rollout, parts
-        nxt = torch.tensor([s[step] if step < len(s) else EOS for s in samples])[rollout.rows]
+        nxt = torch.tensor([s[step] if step < len(s) else eos for s in samples])[rollout.rows]
         if rollout.append(nxt, logp.gather(1, nxt[:, None]).squeeze(1)):
             parts.log_z[:, step + 1:] = 0  # no look-ahead once decoding has ended
             return rollout, parts
@@ -206,20 +206,26 @@ def forced(model: Transformer, samples: list[tuple[int, ...]], t: int, T: float,
         step += 1
 
 
-# Mid-decoding (look-ahead target) and after the last token; at T = 0.5 most of the mass has
-# already ended (finished particles stay), so fewer rows can change.
-@pytest.mark.parametrize("t, T, min_changed", [(5, 2.0, 0.1), (BUDGET, 2.0, 0.1), (4, 0.5, 0.005)])
-def test_moves_leave_their_target_invariant(enum_model, t, T, min_changed):
-    target = normalize(enumerate_states(enum_model, PROMPT, t, T, look_ahead=t < BUDGET))
+MOVES = 16  # enough that a kernel invariant for a wrong target drifts measurably toward it
+
+
+# Mid-decoding (the look-ahead target g_t) and after the last token. Moves connect running states
+# only, so what a wrong look-ahead would distort is the distribution among running states: on the
+# 3-token model it barely varies (Z_t of 3 tokens has little room), on 8 tokens (EOS id 7, lm_head
+# x2) the look-ahead changes that conditional distribution by TV 0.05-0.13.
+@pytest.mark.parametrize("vocab, t, T", [(3, 5, 2.0), (3, BUDGET, 2.0), (8, 3, 0.5), (8, 3, 2.0)])
+def test_moves_leave_their_target_invariant(enum_model, vocab, t, T):
+    model, eos = (enum_model, EOS) if vocab == V else (tiny_model(vocab), vocab - 1)
+    target = normalize(enumerate_states(model, PROMPT, t, T, look_ahead=t < BUDGET, eos=eos))
     ys, p = list(target), torch.tensor(list(target.values()))
     gen = torch.Generator().manual_seed(0)
     m = 20000
     start = [ys[i] for i in torch.multinomial(p, m, replacement=True, generator=gen).tolist()]
-    rollout, parts = forced(enum_model, start, t, T)
+    rollout, parts = forced(model, start, t, T, eos)
     proposed, accepted = torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long)
     with torch.inference_mode():
-        for _ in range(4):
-            _move(rollout, parts, T, EOS, gen, proposed, accepted)
+        for _ in range(MOVES):
+            _move(rollout, parts, T, eos, gen, proposed, accepted)
     moved = [tuple(tok[:n]) for tok, n in zip(rollout.out.tolist(), rollout.num_tokens.tolist(), strict=True)]
     changed = sum(a != b for a, b in zip(moved, start, strict=True)) / m
     floor, _ = noise_floor(target, m)
@@ -227,9 +233,9 @@ def test_moves_leave_their_target_invariant(enum_model, t, T, min_changed):
     print(f"t={t} T={T}: TV {tv:.4f} (floor {floor:.4f}), {changed:.0%} changed, "
           f"acceptance {int(accepted) / int(proposed):.2f}")
     assert tv <= floor + 0.01  # no sampler bias here: only the noise of m draws, twice
-    assert changed > min_changed  # the kernel moves: invariance is not from standing still
-    # Moved rows keep consistent per-token log-probs and weight increments.
-    lp = enumerate_states(enum_model, PROMPT, t, 1.0)
+    assert changed > 0.1  # the kernel moves: invariance is not from standing still
+    # Moved rows keep consistent per-token log-probs.
+    lp = enumerate_states(model, PROMPT, t, 1.0, eos=eos)
     for y, logp in zip(moved[:200], rollout.token_logps.sum(-1)[:200].tolist(), strict=True):
         assert logp == pytest.approx(lp[y], abs=1e-4)
 
