@@ -173,36 +173,36 @@ def _pool(calls: list[tuple[int, int, _Call]], num_prompts: int, k: int, n: int,
     pooled by drawing k samples by those weights; with one island that keeps its k, once each.
     """
     device = calls[0][2].log_w.device
-    islands: list[list[tuple[_Call, int, int]]] = [[] for _ in range(num_prompts)]  # (call, group, id offset)
-    offset = 0
-    for first, count, call in calls:
+    everything = GenerationOutput.concat([c.samples for _, _, c in calls], [0] * len(calls))
+    row_offsets = [0]  # first row of each call in ``everything``
+    lineage_offsets = [0]  # lineage ids are unique within a call: shift them apart
+    for _, _, call in calls:
+        row_offsets.append(row_offsets[-1] + call.samples.logps.numel())
+        lineage_offsets.append(lineage_offsets[-1] + int(call.lineage.max()) + 1)
+    islands: list[list[tuple[int, int]]] = [[] for _ in range(num_prompts)]  # (call, group) per prompt
+    for c, (first, count, _) in enumerate(calls):
         for g in range(count):
-            islands[first + g].append((call, g, offset))
-        offset += int(call.lineage.max()) + 1  # lineage ids stay unique across calls
-    tokens, rows_of, lineages, stats = [], [], [], []
+            islands[first + g].append((c, g))
+    chosen, lineages, stats = [], [], []
     for groups in islands:
-        pool, sample_log_w, log_w = [], [], []
-        for call, g, id_offset in groups:
+        rows, lineage, sample_log_w, log_w = [], [], [], []
+        for c, g in groups:
+            call = calls[c][2]
             m = call.samples.logps.numel() // call.log_w.shape[0]
-            pool += [(call, r, int(call.lineage[r]) + id_offset) for r in range(g * m, (g + 1) * m)]
+            rows.append(row_offsets[c] + g * m + torch.arange(m, device=device))
+            lineage.append(call.lineage[g * m:(g + 1) * m] + lineage_offsets[c])
             island_log_mean = call.log_w[g].logsumexp(-1) - math.log(call.log_w.shape[1])
             sample_log_w.append((island_log_mean - math.log(m)).expand(m))
             log_w.append(call.log_w[g])
-        if len(groups) > 1:
-            index = systematic_resample(torch.cat(sample_log_w)[None], k, generator)[0].tolist()
-        else:
-            index = list(range(k))
-        chosen = [pool[i] for i in index]
-        tokens += [call.samples.tokens[r] for call, r, _ in chosen]
-        rows_of += [(call, r) for call, r, _ in chosen]
-        lineages.append(len({lin for _, _, lin in chosen}))
+        pick = (systematic_resample(torch.cat(sample_log_w)[None], k, generator)[0] if len(groups) > 1
+                else torch.arange(k, device=device))  # (k,)
+        chosen.append(torch.cat(rows)[pick])
+        lineages.append(len(set(torch.cat(lineage)[pick].tolist())))
         all_w = torch.cat(log_w)  # (n,) every particle's final log-weight, on one scale
-        min_fraction = torch.stack([call.min_ess_fraction[g] for call, g, _ in groups]).min()
+        min_fraction = torch.stack([calls[c][2].min_ess_fraction[g] for c, g in groups]).min()
         stats.append((effective_sample_size(all_w[None])[0], min_fraction * n,
                       all_w.logsumexp(-1) - math.log(all_w.numel())))
-
-    def gather(name: str) -> torch.Tensor:
-        return torch.stack([getattr(call.samples, name)[r] for call, r in rows_of])
+    out = everything.select(torch.cat(chosen))  # (P * k,) prompt-major
 
     def per_prompt(get) -> torch.Tensor:
         total = torch.zeros(num_prompts, dtype=torch.long, device=device)
@@ -211,14 +211,15 @@ def _pool(calls: list[tuple[int, int, _Call]], num_prompts: int, k: int, n: int,
         return total
 
     ess, min_ess, log_z = (torch.stack(column).float() for column in zip(*stats, strict=True))
-    distinct = [len({tuple(t) for t in tokens[p * k:(p + 1) * k]}) for p in range(num_prompts)]
+    distinct = [len({tuple(t) for t in out.tokens[p * k:(p + 1) * k]}) for p in range(num_prompts)]
     return GlobalSampleOutput(
-        tokens, gather("logps"), gather("num_tokens"), gather("finished"),
+        out.tokens, out.logps, out.num_tokens, out.finished,
         torch.arange(num_prompts, device=device).repeat_interleave(k),
         per_prompt(lambda c: c.samples.decoded_tokens), method=method, num_candidates=n, ess=ess,
         min_step_ess=min_ess, log_z=log_z, num_resamples=per_prompt(lambda c: c.resamples),
         moves_proposed=per_prompt(lambda c: c.proposed), moves_accepted=per_prompt(lambda c: c.accepted),
-        distinct_samples=torch.tensor(distinct), distinct_lineages=torch.tensor(lineages))
+        distinct_samples=torch.tensor(distinct, device=device),
+        distinct_lineages=torch.tensor(lineages, device=device))
 
 
 def _warn_if_degenerate(out: GlobalSampleOutput, k: int) -> None:
@@ -228,8 +229,9 @@ def _warn_if_degenerate(out: GlobalSampleOutput, k: int) -> None:
         # stacklevel 3: past this helper and the public sampler, to the caller's line.
         warnings.warn(f"{out.method}: the {k} samples of prompts {few[:8]} descend from fewer than "
                       f"{k / 2:g} distinct draws (fewest: {worst}; lowest per-step ESS "
-                      f"{float(out.min_step_ess.min()):.1f} of {out.num_candidates}); they are copies or "
-                      f"near-copies. Raise num_candidates, or bring the temperature closer to 1.",
+                      f"{float(out.min_step_ess.min()):.1f} of {out.num_candidates}): copies or near-copies "
+                      f"of a few draws, not independent samples (unless pi^(1/T) itself sits on a few "
+                      f"responses). Raise num_candidates, or bring the temperature closer to 1.",
                       RuntimeWarning, stacklevel=3)
 
 

@@ -215,7 +215,7 @@ class GenerationOutput:
         decoded = torch.zeros(num_prompts, dtype=torch.long, device=parts[0].logps.device)  # (P,)
         for p, o in zip(parts, prompt_offsets, strict=True):
             decoded[o:o + p.decoded_tokens.numel()] += p.decoded_tokens
-        cat = lambda name: torch.cat([getattr(p, name) for p in parts])  # noqa: E731
+        cat = lambda name: torch.cat([getattr(p, name) for p in parts])
         return GenerationOutput([t for p in parts for t in p.tokens], cat("logps"), cat("num_tokens"),
                                 cat("finished"), torch.cat(index), decoded)
 

@@ -254,7 +254,7 @@ class DigitTokenizer:
 @pytest.mark.parametrize("seed", range(24))
 def test_never_crashes(seed):
     rng = torch.Generator().manual_seed(seed)
-    pick = lambda n: int(torch.randint(n, (1,), generator=rng))  # noqa: E731
+    pick = lambda n: int(torch.randint(n, (1,), generator=rng))
     vocab = (8, 13, 50)[pick(3)]
     model = tiny_model(vocab, n_layers=1 + pick(2), seed=seed, lm_scale=(1.0, 3.0, 6.0)[pick(3)],
                        max_seq_len=80)
@@ -335,7 +335,7 @@ def test_resampling_copies_lineages_and_moves_renew_them(enum_model):
         plain = [smc_sample(enum_model, [PROMPT], 2.0, moves=0, seed=s, **kw) for s in range(10)]
         moved = [smc_sample(enum_model, [PROMPT], 2.0, moves=3, seed=s, **kw) for s in range(10)]
     assert all(o.num_resamples.item() >= 5 for o in plain)
-    mean = lambda outs, f: sum(float(getattr(o, f).float().mean()) for o in outs) / len(outs)  # noqa: E731
+    mean = lambda outs, f: sum(float(getattr(o, f).float().mean()) for o in outs) / len(outs)
     assert mean(moved, "distinct_lineages") > mean(plain, "distinct_lineages")
     assert mean(moved, "distinct_samples") > mean(plain, "distinct_samples")
 

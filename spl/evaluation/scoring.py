@@ -208,7 +208,7 @@ class Samples:
         """The diagnostics averaged over prompts (lowest where lowest is what matters); {} if none."""
         if not self.sampler:
             return {}
-        col = lambda key: [d[key] for d in self.sampler]  # noqa: E731
+        col = lambda key: [d[key] for d in self.sampler]
         first = self.sampler[0]
         return {"sampler_method": first["method"], "sampler_candidates": first["num_candidates"],
                 "sampler_mean_ess": float(np.mean(col("ess"))), "sampler_min_ess": float(np.min(col("ess"))),
