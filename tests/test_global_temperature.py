@@ -408,3 +408,33 @@ def test_stop_strings_end_completions():
     assert stop.cut("12345") == ("12", True) and stop.cut("1245") == ("1245", False)
     with pytest.raises(ValueError, match="non-empty"):
         StopStrings(DigitTokenizer(), [""])
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation records how global-temperature samples were drawn
+
+
+def test_evaluation_records_sampler_diagnostics(tmp_path):
+    from spl.demo import train_demo_tokenizer
+    from spl.evaluation.datasets import MathProblem
+    from spl.evaluation.scoring import EvalModel, SamplingSetting, sample_responses
+    from spl.evaluation.suites import best_of_n_summary
+    from spl.tokenizer import Tokenizer
+
+    train_demo_tokenizer(tmp_path / "tokenizer.model")
+    tok = Tokenizer(tmp_path / "tokenizer.model")
+    model = tiny_model(tok.vocab_size, seed=3, lm_scale=1.0)
+    counter = CountRows(model)
+    em = EvalModel("tiny", tmp_path, model, tok, chat=False)
+    prompts = [tok.encode("Question: Which pet?", bos=True), tok.encode("Answer:", bos=True)]
+    samples = sample_responses(em, prompts, SamplingSetting(global_temp=2.0), num_samples=4, max_new_tokens=6,
+                               batch_size=8, generator=torch.Generator().manual_seed(0), stop=["."])
+    assert counter.most <= 8  # 16 particles per prompt, in islands of 8
+    assert len(samples.sampler) == 2 and samples.sampler[0]["num_candidates"] == 16
+    summary = samples.sampler_summary()
+    assert summary["sampler_method"] == "smc" and 1 <= summary["sampler_mean_distinct_samples"] <= 4
+    assert summary["sampler_min_distinct_lineages"] >= 1 and summary["sampler_min_ess"] <= 16
+    # Best-of-N says how many of each problem's n samples differ at all.
+    problems = [MathProblem("a", "q", "", "1"), MathProblem("b", "q", "", "2")]
+    completions = [["#### 1", "#### 1", "#### 2"], ["#### 2", "#### 3", "#### 4"]]
+    assert best_of_n_summary("gsm8k", problems, completions)["splits"]["all"]["distinct_samples"] == 2.5

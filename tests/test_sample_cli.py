@@ -66,7 +66,7 @@ def rejected(capsys, argv: list[str]) -> str:
     (["--batch-size", "0"], "--batch-size must be at least 1"),
     (["--stop", ""], "--stop needs a non-empty text"),
     (["--max-new-tokens", "100"], "exceeds the model's context of 64 tokens"),
-    (["--device", "cuda:7"], "no such CUDA device here"),
+    (["--device", "cuda:99"], "no such CUDA device here"),
     (["--device", "gpu"], "is not a device"),
     (["--tokenizer", "/nonexistent/tokenizer.model"], "--tokenizer file not found"),
     (["--output", "/nonexistent/dir/out.jsonl"], "--output: directory /nonexistent/dir does not exist"),

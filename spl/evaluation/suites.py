@@ -217,6 +217,8 @@ def diversity_suite(policy: EvalModel, prompts: Sequence[Prompt], setting: Sampl
     records = [{"prompt_id": prompts[i].id, "sample": j, "response": texts[i][j], "finished": finished[i][j]}
                for i, j in flat]
     details = {"prompt_ids": [p.id for p in prompts], **per_prompt}
+    if samples.sampler:
+        details["sampler"] = samples.sampler  # each prompt's global-temperature diagnostics
     return {"summary": summary, "stderr": stderr, "details": details, "reference": ref_name,
             "samples": records}
 
