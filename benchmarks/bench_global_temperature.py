@@ -25,6 +25,7 @@ Models:
 - ``demo``: the demo checkpoint (``runs/demo``, from ``python train.py``), its four questions.
 
     python benchmarks/bench_global_temperature.py --models markov,random,demo [--lengths 8,32,128,256]
+        [--device cuda]
 """
 
 from __future__ import annotations
@@ -80,7 +81,8 @@ class ExactMarkov:
     def __init__(self, model: Transformer, s0: int, L: int, T: float, eos: int):
         V = model.cfg.vocab_size
         with torch.no_grad():
-            logp = model(torch.arange(V)[:, None])[:, -1].double().log_softmax(-1)  # (V, V) log p(j | i)
+            tokens = torch.arange(V, device=model.lm_head.weight.device)[:, None]  # (V, 1)
+            logp = model(tokens)[:, -1].double().log_softmax(-1).cpu()  # (V, V) log p(j | i)
         W = (logp / T).exp()
         self.e, self.M = W[:, eos].clone(), W.clone()
         self.M[:, eos] = 0
@@ -196,6 +198,7 @@ def main() -> None:
     parser.add_argument("--methods", default="", help="comma list to run a subset")
     parser.add_argument("--demo", default="runs/demo")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (the demo loads in fp32 either way)")
     parser.add_argument("--append", default=None, help="markdown file to append the table to")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -212,13 +215,13 @@ def main() -> None:
             from spl.demo import QUESTIONS, format_prompt
             from spl.lora import merge
             from spl.trainer import load_for_inference  # moves to spl.checkpoint (issue 9)
-            loaded = load_for_inference(args.demo)
+            loaded = load_for_inference(args.demo, device=args.device)
             if loaded.has_adapter:
                 merge(loaded.model)
             model, eos = loaded.model, loaded.tokenizer.eos_id
             prompts = [loaded.tokenizer.encode(format_prompt(q, o), bos=True) for q, o, _ in QUESTIONS]
         else:
-            model = markov_model() if model_name == "markov" else random_model()
+            model = (markov_model() if model_name == "markov" else random_model()).to(args.device)
             eos = 0
             prompts = [[1, 2 + i % 8] for i in range(args.prompts)]
             if model_name == "markov":  # one start token, so every prompt shares one exact target
