@@ -244,6 +244,28 @@ def test_moves_leave_their_target_invariant(enum_model, vocab, t, T):
 # Never crash: random tiny models, budgets up to 64, extreme temperatures, EOS patterns
 
 
+def test_resampling_onto_finished_particles_only(monkeypatch):
+    # The old crash: a resampling step that keeps only finished particles left 0 rows to decode
+    # (sample_probs failed in its reshape). EOS likely, T = 0.5 (sharpened towards it) and
+    # resampling at every step make that common; the run must end cleanly when it happens.
+    model = tiny_model(8, n_layers=1, seed=25, lm_scale=1.0, max_seq_len=80)
+    with torch.no_grad():
+        model.lm_head.weight[3] += 0.5 * model.lm_head.weight.std() * 8
+    emptied, select = [], Rollout.select
+
+    def counting_select(self, ancestors):
+        running_before = bool(self.live().any())
+        index = select(self, ancestors)
+        emptied.append(running_before and self.rows.numel() == 0)  # every running particle dropped
+        return index
+    monkeypatch.setattr(Rollout, "select", counting_select)
+    for seed in range(6):
+        out = smc_sample(model, [[1, 2], [5]], 0.5, max_new_tokens=64, num_samples=4, num_candidates=16,
+                         eos_id=3, resample_threshold=1.0, seed=seed, moves=seed % 2)
+        assert out.finished.all() and all(t[-1] == 3 for t in out.tokens)
+    assert any(emptied)
+
+
 class DigitTokenizer:
     """Token v decodes to str(v % 10): enough text for stop strings on a tiny vocabulary."""
 
