@@ -208,13 +208,11 @@ def main(argv: list[str] | None = None) -> int:
     max_seq_len, tok_path = peek_checkpoint(args)
     if not prompts:
         prompts = default_prompts(Path(args.checkpoint))
-    early_tok = None
-    if tok_path is not None:
+    if tok_path is not None:  # prompts and context checked with the tokenizer alone, before any weights
         try:
-            early_tok = Tokenizer(tok_path)
+            ids = encode_prompts(Tokenizer(tok_path), prompts, args.chat)
         except (ValueError, FileNotFoundError) as e:
             fail(str(e))
-        ids = encode_prompts(early_tok, prompts, args.chat)
         if max_seq_len is not None and max(map(len, ids)) + args.max_new_tokens > max_seq_len:
             fail(f"--max-new-tokens {args.max_new_tokens} + the longest prompt ({max(map(len, ids))} tokens) "
                  f"exceeds the model's context of {max_seq_len} tokens")
@@ -238,8 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     if loaded.has_adapter:
         from spl.lora import merge
         merge(model)  # fold the adapters in once: decoding then costs what the base model costs
-    if early_tok is None:
-        ids = encode_prompts(tok, prompts, args.chat)
+    ids = encode_prompts(tok, prompts, args.chat)  # with the tokenizer the loader checked
     stop = StopStrings(tok, args.stop) if args.stop else None
     glob = args.global_temp is not None
     method, per_prompt = "token", args.num_samples  # per prompt: rows decoded together
