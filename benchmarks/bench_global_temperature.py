@@ -212,9 +212,9 @@ def main() -> None:
             if not (Path(args.demo) / "checkpoints").is_dir():
                 print(f"(skipping demo: {args.demo} not found; build it with `python train.py`)")
                 continue
+            from spl.checkpoint import load_for_inference
             from spl.demo import QUESTIONS, format_prompt
             from spl.lora import merge
-            from spl.checkpoint import load_for_inference
             loaded = load_for_inference(args.demo, device=args.device)
             if loaded.has_adapter:
                 merge(loaded.model)
