@@ -102,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--global-temp", action="append", type=_float_list, metavar="T",
                    help="sample pi^(1/T) over whole sequences instead (repeat or comma list)")
     g.add_argument("--method", default="auto",
-                   help="global-temperature sampler: auto (resample for T >= 1, smc below), smc, resample")
+                   help="global-temperature sampler: auto (spl.global_temperature.choose_method), smc, "
+                   "resample")
     g.add_argument("--num-candidates", type=int, help="global-temperature candidates per prompt "
                    "(default max(16, 4 x samples))")
     g.add_argument("--seed", type=int, default=0, help="sampling, subsets and option shuffles (0)")

@@ -722,6 +722,55 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     return path
 
 
+@dataclass
+class InferenceSource:
+    """What ``load_for_inference`` will read, found from config files alone (no weights)."""
+
+    source: Path  # the resolved checkpoint directory
+    kind: str  # adapter (over ``base``) | sharded (DCP) | merged (a run's model/) | model (HF / original)
+    weights: Path  # the directory whose weights are loaded (the base, for an adapter)
+    config: ModelConfig
+    tokenizer: Path
+    base: Path | None = None
+
+
+def inference_source(path: str | os.PathLike, tokenizer: str | os.PathLike | None = None) -> InferenceSource:
+    """Resolve a run, step or model directory and its tokenizer for inference, reading only config
+    files, so scripts can check prompts and budgets before any weights load."""
+    src = resolve_checkpoint(path)
+    base = None
+    trained = (src / "trainer_state.json").is_file()
+    if trained and (src / "adapter").is_dir():
+        adapter_config = src / "adapter" / "adapter_config.json"
+        base = Path(_read_json(adapter_config).get("base_model_name_or_path") or "")
+        if not (base / "config.json").is_file() and not (base / "params.json").is_file():
+            # A run moved to another machine: look for the base beside the run (the demo's reference).
+            beside = src.parent.parent / "reference"
+            if not (beside / "config.json").is_file():
+                raise CheckpointError(f"{adapter_config}: base model {str(base)!r} not found; copy it back "
+                                      "or pass the base as --checkpoint and the adapter as --adapter")
+            base = beside
+        kind, weights = "adapter", base
+    elif trained and (src / "dcp").is_dir():
+        kind, weights = "sharded", src
+    elif trained and (src / "model").is_dir():  # merged weights: runs written before sharded saves
+        kind, weights = "merged", src / "model"
+    else:
+        kind, weights = "model", src
+    if kind == "sharded":
+        cfg = model_config_from_hf(_read_json(src / SHARDED_CONFIG), source=src / SHARDED_CONFIG)
+    else:
+        _, cfg, _ = _find_files(weights)
+    if tokenizer is not None:  # given: used as given, never replaced by the checkpoint's own
+        tok_path = Path(tokenizer)
+    else:
+        tok_path = next((d / "tokenizer.model" for d in (src, base) if d is not None
+                         and (d / "tokenizer.model").is_file()), src / "tokenizer.model")
+    if not tok_path.is_file():
+        raise CheckpointError(f"tokenizer not found: {tok_path} (pass --tokenizer)")
+    return InferenceSource(src, kind, weights, cfg, tok_path, base)
+
+
 def load_for_inference(path: str | os.PathLike, *, adapter: str | os.PathLike | None = None,
                        tokenizer: str | os.PathLike | None = None, device: torch.device | str = "cpu",
                        dtype: torch.dtype = torch.float32) -> Loaded:
@@ -732,41 +781,20 @@ def load_for_inference(path: str | os.PathLike, *, adapter: str | os.PathLike | 
     from spl.lora import load_adapter
     from spl.tokenizer import Tokenizer
 
-    src = resolve_checkpoint(path)
-    base, has_adapter, head = None, False, None
-    trained = (src / "trainer_state.json").is_file()
-    if trained and (src / "adapter").is_dir():
-        config = json.loads((src / "adapter" / "adapter_config.json").read_text())
-        base = Path(config.get("base_model_name_or_path") or "")
-        if not (base / "config.json").is_file() and not (base / "params.json").is_file():
-            # A run moved to another machine: look for the base beside the run (the demo's reference).
-            beside = src.parent.parent / "reference"
-            if not (beside / "config.json").is_file():
-                raise CheckpointError(f"{src / 'adapter' / 'adapter_config.json'}: base model {str(base)!r} "
-                                      "not found; copy it back or pass the base as --checkpoint and the "
-                                      "adapter as --adapter")
-            base = beside
-        model, _ = load_model(base, dtype=dtype, device=device)
-        load_adapter(model, src / "adapter")
-        has_adapter = True
-    elif trained and (src / "dcp").is_dir():
+    found = inference_source(path, tokenizer)
+    src, head = found.source, None
+    if found.kind == "sharded":
         model, head = load_sharded_model(src, dtype=dtype, device=device)
-    elif trained and (src / "model").is_dir():  # merged weights: runs written before sharded saves
-        model, _ = load_model(src / "model", dtype=dtype, device=device)
     else:
-        model, _ = load_model(src, dtype=dtype, device=device)
+        model, _ = load_model(found.weights, dtype=dtype, device=device)
+    if found.kind == "adapter":
+        load_adapter(model, src / "adapter")
     if (src / "reward_head.safetensors").is_file():
         head = load_file(src / "reward_head.safetensors")["weight"]
     if head is not None:
         head = head.to(device)
     if adapter is not None:
         load_adapter(model, adapter)
-        has_adapter = True
-    tok_path = Path(tokenizer) if tokenizer else src / "tokenizer.model"
-    if not tok_path.is_file() and base is not None:
-        tok_path = base / "tokenizer.model"
-    if not tok_path.is_file():
-        raise CheckpointError(f"tokenizer not found: {tok_path} (pass --tokenizer)")
-    tok = Tokenizer(tok_path)
-    check_tokenizer_vocab(tok_path, model.cfg.vocab_size, tok.vocab_size)
-    return Loaded(model.eval(), tok, src, base, head, has_adapter)
+    tok = Tokenizer(found.tokenizer)
+    check_tokenizer_vocab(found.tokenizer, model.cfg.vocab_size, tok.vocab_size)
+    return Loaded(model.eval(), tok, src, found.base, head, found.kind == "adapter" or adapter is not None)

@@ -279,10 +279,10 @@ def _choice(name: str, value, options: tuple) -> None:
 def _check_type(name: str, value, annotation):
     """Coerce ``value`` to a dataclass field's annotation (int -> float is allowed) or raise."""
     hint = typing.get_type_hints(annotation[0], globalns=vars(sys.modules[__name__]))[annotation[1]]
-    args = typing.get_args(hint)
+    union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    args = typing.get_args(hint) if union else ()  # list[str]'s args are its items' type, not choices
     optional = type(None) in args
-    base = next((a for a in args if a is not type(None)), hint) if args and (
-        typing.get_origin(hint) in (typing.Union, types.UnionType)) else hint
+    base = next((a for a in args if a is not type(None)), hint) if args else hint
     if value is None:
         if optional:
             return None

@@ -464,12 +464,13 @@ def test_scripts_resolve_print_save_and_refuse(zephyr_model: Path, tmp_path: Pat
     step = out / "checkpoints" / "step_0000001"
     for config in (out / "config.yaml", step / "config.yaml"):
         assert "chat_template: zephyr" in config.read_text()
-    # sample.py reads the run's saved config; a contradicting choice is refused naming both.
+    # sample.py reads the run's saved config; a contradicting choice is refused naming both, before
+    # any weights load (exit 2, one line, as every bad sample.py option).
     res = run_script(["sample.py", "--checkpoint", str(out), "--prompt", "Hi", "--max-new-tokens", "2"])
     assert f"chat template: zephyr ({step / 'config.yaml'} trained with it)" in res.stderr
     bad = run_script(["sample.py", "--checkpoint", str(out), "--prompt", "Hi", "--chat-template",
                       "mistral-v3"], check=False)
-    assert bad.returncode == 1 and "'mistral-v3'" in bad.stderr and "tokenizer.model" in bad.stderr
+    assert bad.returncode == 2 and "'mistral-v3'" in bad.stderr and "tokenizer.model" in bad.stderr
     assert "Traceback" not in bad.stderr
     # train.py refuses before loading the model; evaluate.py checks the name before anything.
     bad = run_script([*args, f"train.out_dir={tmp_path / 'bad'}", "data.chat_template=mistral-v3"],

@@ -63,16 +63,20 @@ def is_correct(dataset: str, completion: str, gold: str) -> bool:
 
 def bestofn_generate(policy: EvalModel, dataset: str, problems: Sequence[MathProblem],
                      setting: SamplingSetting, *, num_samples: int, max_new_tokens: int, batch_size: int,
-                     seed: int) -> tuple[list[list[str]], int]:
-    """``num_samples`` completions (text) per problem, and how many prompts had to be cut to fit."""
+                     seed: int) -> tuple[list[list[str]], int, dict]:
+    """``num_samples`` completions (text) per problem, how many prompts had to be cut to fit, and
+    the global-temperature sampler's diagnostics ({} for token-level sampling). Generation stops at
+    the dataset's stop strings (the next few-shot question); answers are read before them."""
     tok = policy.tokenizer
     encoded = [fit_prompt(policy.encode_prompt(bestofn_prompt(dataset, p)), policy.max_len - max_new_tokens,
                           tok.bos_id) for p in problems]
     generator = torch.Generator(device=policy.device).manual_seed(seed)
     samples = sample_responses(policy, [ids for ids, _ in encoded], setting, num_samples=num_samples,
                                max_new_tokens=max_new_tokens, batch_size=batch_size, generator=generator,
-                               desc=f"{dataset} {policy.name} {setting.label}")
-    return [[tok.decode(t) for t in toks] for toks in samples.tokens], sum(cut for _, cut in encoded)
+                               desc=f"{dataset} {policy.name} {setting.label}",
+                               stop=GSM8K_STOP if dataset == "gsm8k" else MATH_STOP)
+    return ([[tok.decode(t) for t in toks] for toks in samples.tokens], sum(cut for _, cut in encoded),
+            samples.sampler_summary())
 
 
 def best_of_n_summary(dataset: str, problems: Sequence[MathProblem], completions: Sequence[Sequence[str]],
@@ -107,6 +111,9 @@ def best_of_n_summary(dataset: str, problems: Sequence[MathProblem], completions
         redundancy = [metrics.redundancy_fraction([truncate_at_stop(s, stops) for s in completions[i]],
                                                   correct[i]) for i in idx]
         row["redundant_solutions"] = metrics.summarize(redundancy)["mean"]
+        # How many of the n samples differ at all: copies say nothing new about pass@k.
+        row["distinct_samples"] = metrics.summarize(
+            [len({truncate_at_stop(s, stops) for s in completions[i]}) for i in idx])["mean"]
         row["problems_with_a_correct_solution"] = sum(ci > 0 for ci in c)
         splits[split] = row
     return {"splits": splits, "correct": correct}

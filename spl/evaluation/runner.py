@@ -138,7 +138,7 @@ class _Evaluation:
                 problems.update({p.id: p for p in ps if dataset == "gsm8k"})
             em = self.load(source.path, "difficulty model")
             setting, n = SamplingSetting(), self.plan.sizes["bestofn_samples"]
-            samples, _ = bestofn.bestofn_generate(
+            samples, _, _ = bestofn.bestofn_generate(
                 em, "gsm8k", list(problems.values()), setting, num_samples=n,
                 max_new_tokens=self.plan.sizes["bestofn_max_new_tokens"], batch_size=self.cfg.batch_size,
                 seed=self.cfg.seed)
@@ -229,7 +229,7 @@ class _Evaluation:
 
         for dataset, problems in plan.bestofn_problems.items():
             for setting in plan.settings:
-                completions, cut = bestofn.bestofn_generate(
+                completions, cut, sampler = bestofn.bestofn_generate(
                     em, dataset, problems, setting, num_samples=plan.sizes["bestofn_samples"],
                     max_new_tokens=plan.sizes["bestofn_max_new_tokens"], batch_size=cfg.batch_size,
                     seed=cfg.seed)
@@ -237,17 +237,19 @@ class _Evaluation:
                 write_jsonl(self.out / "samples" / f"{dataset}_{_slug(curve)}.jsonl",
                             [{"dataset": dataset, "id": p.id, "completion": c, "model": curve}
                              for p, cs in zip(problems, completions, strict=True) for c in cs])
-                self.add_best_of_n(dataset, curve, problems, completions, cut)
+                self.add_best_of_n(dataset, curve, problems, completions, cut, sampler)
         del em
         self.free()
 
-    def add_best_of_n(self, dataset: str, curve: str, problems: list, completions: list, cut: int) -> None:
+    def add_best_of_n(self, dataset: str, curve: str, problems: list, completions: list, cut: int,
+                      sampler: dict | None = None) -> None:
         """Score one model's completions on one dataset, with the fixed splits."""
         summary = bestofn.best_of_n_summary(dataset, problems, completions,
                                             self.splits if dataset == "gsm8k" else None)
         for split, row in summary["splits"].items():
             if split == "all":
-                row = {**row, "prompts_truncated": cut}
+                # ... and how global-temperature samples were drawn (ESS, distinct samples, lineages).
+                row = {**row, "prompts_truncated": cut, **(sampler or {})}
             table = self.results.setdefault("best_of_n", {}).setdefault(dataset, {})
             table.setdefault(split, {})[curve] = row
             self.pass_at_k.setdefault(dataset, {}).setdefault(split, {})[curve] = {

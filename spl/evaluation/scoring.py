@@ -4,7 +4,7 @@ The suites (run by ``runner.py``) are built from four operations on a loaded mod
 and run under ``torch.inference_mode``:
 
 - ``sample_responses``: N responses per prompt with token-level sampling (temperature, top-k/p,
-  min-p) or a sequence-level global temperature (``spl/sampling.py``; paper eqs. 7-10).
+  min-p) or a sequence-level global temperature (``spl/global_temperature.py``; eqs. 7-10).
 - ``sequence_logprobs``: log pi(response | prompt) summed over response tokens, and the token
   count; the reference cross-entropy of §4.1 is ``-sum / count`` under the reference policy.
 - ``reward_scores``: the Bradley-Terry head of a reward-mode run on the final-normed hidden state
@@ -26,14 +26,16 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
 from tqdm import tqdm
 
 from spl.data import hh_messages
 from spl.evaluation.math_answers import truncate_at_stop
+from spl.global_temperature import choose_method, default_num_candidates, sample_global_temperature
 from spl.logprobs import sequence_logps
-from spl.sampling import generate, sample_global_temperature
+from spl.sampling import StopStrings, generate
 from spl.tokenizer import Message, Tokenizer
 
 
@@ -195,8 +197,8 @@ class SamplingSetting:
     def label(self) -> str:
         """Short name for tables and plots, e.g. "t=1.2 top_p=0.9" or "T_global=2 (smc)"."""
         if self.global_temp is not None:
-            # "auto" named as what it resolves to (see spl.sampling.sample_global_temperature).
-            method = self.method if self.method != "auto" else "resample" if self.global_temp >= 1 else "smc"
+            # "auto" named as what it resolves to.
+            method = self.method if self.method != "auto" else choose_method(self.global_temp)
             return f"T_global={self.global_temp:g} ({method})"
         parts = [f"t={self.temperature:g}"]
         parts += [f"{k}={v:g}" for k, v in (("top_k", self.top_k), ("top_p", self.top_p),
@@ -211,6 +213,23 @@ class Samples:
     tokens: list[list[list[int]]]
     finished: list[list[bool]]  # ended with eos (False: cut at max_new_tokens)
     ess: list[float] = field(default_factory=list)  # per prompt, global-temperature samplers only
+    # Per prompt, global temperature only: GlobalSampleOutput.diagnostics (ESS, distinct samples,
+    # lineages, resampling steps ...), to be reported next to every number computed from them.
+    sampler: list[dict] = field(default_factory=list)
+
+    def sampler_summary(self) -> dict:
+        """The diagnostics averaged over prompts (lowest where lowest is what matters); {} if none."""
+        if not self.sampler:
+            return {}
+        col = lambda key: [d[key] for d in self.sampler]
+        first = self.sampler[0]
+        return {"sampler_method": first["method"], "sampler_candidates": first["num_candidates"],
+                "sampler_mean_ess": float(np.mean(col("ess"))), "sampler_min_ess": float(np.min(col("ess"))),
+                "sampler_min_step_ess": float(np.min(col("min_step_ess"))),
+                "sampler_mean_resamples": float(np.mean(col("resamples"))),
+                "sampler_mean_distinct_samples": float(np.mean(col("distinct_samples"))),
+                "sampler_mean_distinct_lineages": float(np.mean(col("distinct_lineages"))),
+                "sampler_min_distinct_lineages": int(np.min(col("distinct_lineages")))}
 
 
 def _batched(items: Sequence, size: int) -> Iterator[Sequence]:
@@ -220,29 +239,35 @@ def _batched(items: Sequence, size: int) -> Iterator[Sequence]:
 
 def sample_responses(em: EvalModel, prompts: Sequence[list[int]], setting: SamplingSetting, *,
                      num_samples: int, max_new_tokens: int, batch_size: int,
-                     generator: torch.Generator, desc: str = "sampling") -> Samples:
-    """``num_samples`` responses to each prompt (ids), in groups of about ``batch_size`` rows.
+                     generator: torch.Generator, desc: str = "sampling", stop: Sequence[str] = ()
+                     ) -> Samples:
+    """``num_samples`` responses to each prompt (ids), at most ``batch_size`` rows decoded at once.
 
-    A group holds ``batch_size // num_samples`` prompts (at least one), so the KV cache holds about
-    ``batch_size`` rows whatever N is. One generator runs through all groups: same seed, same
-    samples.
+    A group holds ``batch_size // rows`` prompts (at least one), rows being a prompt's samples, or
+    its candidates under a global temperature; a prompt with more rows is split by the sampler
+    (``max_rows``). A response ends at the first of ``stop`` (it stays in the text: callers cut
+    it). One generator runs through all groups: same seed, same samples.
     """
-    per_call = max(1, batch_size // num_samples)
+    glob = setting.global_temp is not None
+    rows = (setting.num_candidates or default_num_candidates(num_samples, setting.global_temp)) if glob \
+        else num_samples
+    per_call = max(1, batch_size // rows)
     out = Samples([], [])
     eos = em.tokenizer.eos_id
+    common = dict(max_new_tokens=max_new_tokens, num_samples=num_samples, eos_id=eos, generator=generator,
+                  max_rows=batch_size, stop=StopStrings(em.tokenizer, stop) if stop else None)
     bar = tqdm(total=len(prompts), desc=desc, unit="prompt", leave=False)
     for group in _batched(list(prompts), per_call):
-        if setting.global_temp is not None:
+        if glob:
             # The global samplers draw num_candidates per prompt and keep num_samples of them.
-            result = sample_global_temperature(
-                em.model, list(group), setting.global_temp, method=setting.method,
-                max_new_tokens=max_new_tokens, num_samples=num_samples,
-                num_candidates=setting.num_candidates, eos_id=eos, generator=generator)
+            result = sample_global_temperature(em.model, list(group), setting.global_temp,
+                                               method=setting.method, num_candidates=setting.num_candidates,
+                                               **common)
             out.ess += result.ess.tolist()
+            out.sampler += [result.diagnostics(i) for i in range(len(group))]
         else:
-            result = generate(em.model, list(group), max_new_tokens=max_new_tokens, num_samples=num_samples,
-                              eos_id=eos, temperature=setting.temperature, top_k=setting.top_k,
-                              top_p=setting.top_p, min_p=setting.min_p, generator=generator)
+            result = generate(em.model, list(group), temperature=setting.temperature, top_k=setting.top_k,
+                              top_p=setting.top_p, min_p=setting.min_p, **common)
         finished = result.finished.tolist()
         # Outputs are prompt-major: rows [i * N, (i + 1) * N) answer the group's i-th prompt.
         for i in range(len(group)):

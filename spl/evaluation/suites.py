@@ -110,11 +110,11 @@ def diversity_suite(policy: EvalModel, prompts: Sequence[Prompt], setting: Sampl
     encoded = [fit_prompt(policy.encode_prompt(p), budget, tok.bos_id) for p in prompts]
     prompt_ids = [ids for ids, _ in encoded]
     generator = torch.Generator(device=policy.device).manual_seed(seed)
+    # Responses end where a plain-text model starts the next "Human:" turn; text and ids are cut there.
+    stops = () if policy.chat else HH_STOP
     samples = sample_responses(policy, prompt_ids, setting, num_samples=num_samples,
                                max_new_tokens=max_new_tokens, batch_size=batch_size, generator=generator,
-                               desc=f"diversity {policy.name} {setting.label}")
-    # Responses as text (cut where a plain-text model starts the next "Human:" turn) and as ids.
-    stops = () if policy.chat else HH_STOP
+                               desc=f"diversity {policy.name} {setting.label}", stop=stops)
     texts, resp_ids, finished = [], [], []
     for toks, fins in zip(samples.tokens, samples.finished, strict=True):
         cut = [response_text(tok, t, stops) for t in toks]
@@ -165,12 +165,12 @@ def diversity_suite(policy: EvalModel, prompts: Sequence[Prompt], setting: Sampl
     means, stderr = _summaries(per_prompt)
     summary = {"prompts": len(prompts), "samples_per_prompt": n,
                "prompts_truncated": sum(cut for _, cut in encoded), **means}
-    if samples.ess:
-        summary["sampler_mean_ess"] = float(np.mean(samples.ess))
-        summary["sampler_min_ess"] = float(np.min(samples.ess))
+    summary.update(samples.sampler_summary())  # how the global-temperature samples were drawn
     records = [{"prompt_id": prompts[i].id, "sample": j, "response": texts[i][j], "finished": finished[i][j]}
                for i, j in flat]
     details = {"prompt_ids": [p.id for p in prompts], **per_prompt}
+    if samples.sampler:
+        details["sampler"] = samples.sampler  # each prompt's global-temperature diagnostics
     return {"summary": summary, "stderr": stderr, "details": details, "reference": ref_name,
             "samples": records}
 
