@@ -35,7 +35,11 @@ from kernels.heuristics import RowsConfig
 IGNORE_INDEX = -100
 # Compiled kernels may read only tl.constexpr globals (the interpreter allows any).
 NEG_BIG = tl.constexpr(-1e30)  # exp(NEG_BIG - m) == 0 and NEG_BIG - NEG_BIG == 0
-NAN = tl.constexpr(float("nan"))
+# No NaN among these: a compiled kernel checks at every launch that the globals it read still
+# equal their values at compile time, and NaN != NaN, so a NaN global fails every launch after
+# the first ("Global variable NAN has changed since we compiled this kernel", seen on an H200).
+# The kernel makes its NaN by bitcasting the quiet-NaN bit pattern instead.
+QUIET_NAN_BITS = tl.constexpr(0x7FC00000)
 IGNORE = tl.constexpr(IGNORE_INDEX)
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -73,6 +77,7 @@ def _softmax_rows_kernel(
     y = tl.load(y_ptr + r, mask=row_ok, other=IGNORE)  # (ROWS,)
     ignored = y == IGNORE
     valid = (y >= 0) & (y < V)
+    nan = tl.full((ROWS,), QUIET_NAN_BITS, tl.int32).to(tl.float32, bitcast=True)  # (ROWS,)
     read = row_ok & ~ignored  # ignored rows are never read: prompt and padding cost no traffic
 
     # 1. Online logsumexp over vocabulary blocks: per step, the block max m_j and a running sum
@@ -90,7 +95,7 @@ def _softmax_rows_kernel(
         lse = tl.where(read, m + tl.log(s), 0.0)  # (ROWS,) 0 for unread rows keeps step 3 finite
         # 2. The target's logit: one scalar load per row, before delta overwrites z.
         zy = tl.load(z_ptr + r * stride + tl.where(valid, y, 0), mask=read & valid, other=0.0).to(tl.float32)
-        logp = tl.where(valid, zy - lse, tl.where(ignored, 0.0, NAN))
+        logp = tl.where(valid, zy - lse, tl.where(ignored, 0.0, nan))
         tl.store(lse_ptr + r, lse, mask=row_ok)
         tl.store(logp_ptr + r, logp, mask=row_ok)
     else:
@@ -103,7 +108,7 @@ def _softmax_rows_kernel(
             g = tl.load(g_ptr + r, mask=row_ok, other=0.0)
         else:
             g = tl.full((ROWS,), 1.0, tl.float32)
-        g = tl.where(valid, g, NAN)
+        g = tl.where(valid, g, nan)
         for v0 in range(0, V, BLOCK):
             col_ok = c[None, :] < V - v0
             z = tl.load(rows + v0 + c[None, :], mask=read[:, None] & col_ok, other=0.0).to(tl.float32)

@@ -216,6 +216,20 @@ def test_empty_and_invalid_inputs():
         fl.softmax_rows(z, y, lse, None, stats=False, delta=True, grad=None, config=RowsConfig(1, 16, 1))
 
 
+def test_kernel_globals_equal_themselves():
+    """A compiled kernel re-checks at every launch that each global it read still equals its
+    compile-time value; a NaN global never does, so every launch after the first raised
+    "Global variable NAN has changed since we compiled this kernel" on an H200 (Triton 3.6), while
+    the CPU interpreter, which skips that check, passed. Guard the invariant here, on CPU."""
+    consts = {name: v for name, v in vars(fl).items() if isinstance(v, tl.constexpr)}
+    assert consts, "expected the kernel module's constexpr globals"
+    for name, value in consts.items():
+        assert not (value != value), f"kernels.fused_logprobs.{name} = {value} does not equal itself"
+    # The bit pattern the kernel bitcasts is a quiet NaN, so invalid targets still read as NaN.
+    bits = torch.tensor([fl.QUIET_NAN_BITS.value], dtype=torch.int32)
+    assert bits.view(torch.float32).isnan().all()
+
+
 def test_heuristics():
     assert rows_config(torch.device("cpu"), torch.bfloat16).rows == 4
     with pytest.raises(ValueError, match="powers of two"):

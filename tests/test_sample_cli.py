@@ -36,7 +36,7 @@ def unloadable(tmp_path_factory):
 def no_loading(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the inputs were checked")
-    monkeypatch.setattr("spl.trainer.load_for_inference", refuse)
+    monkeypatch.setattr("spl.checkpoint.load_for_inference", refuse)
 
 
 def rejected(capsys, argv: list[str]) -> str:
