@@ -230,9 +230,6 @@ def _turns(t: ChatTemplate, messages: list[Message]) -> list[tuple[str, str, int
     for i, msg in enumerate(messages):
         if msg.get("role") not in ROLES or not isinstance(msg.get("content"), str):
             raise ValueError(f"message {i} must be {{'role': one of {ROLES}, 'content': str}}, got {msg!r}")
-    if t.single_exchange and [m["role"] for m in messages] not in (["user"], ["user", "assistant"]):
-        raise ValueError(f"chat template {t.name!r} (plain text) takes one user message and at most one "
-                         f"assistant reply, got roles {[m['role'] for m in messages]}")
     indexed = list(enumerate(messages))
     if t.empty_system and messages[0]["role"] != "system":
         indexed.insert(0, (-1, {"role": "system", "content": ""}))
@@ -255,6 +252,9 @@ def _turns(t: ChatTemplate, messages: list[Message]) -> list[tuple[str, str, int
     # mistral-common refuses empty assistant turns too: there would be nothing to learn but eos.
     if any(role == "assistant" and not content for role, content, _ in turns):
         raise ValueError("assistant messages must have non-empty content")
+    if t.single_exchange and [m["role"] for m in messages] not in (["user"], ["user", "assistant"]):
+        raise ValueError(f"chat template {t.name!r} (plain text) takes one user message and at most one "
+                         f"assistant reply, got roles {[m['role'] for m in messages]}")
     if t.reply_rstrip:  # mistral-common's v2/v3 encoders strip trailing spaces from replies
         turns = [(r, c.rstrip(t.reply_rstrip) if r == "assistant" else c, i) for r, c, i in turns]
     system = "\n\n".join(m["content"] for m in messages if m["role"] == "system" and m["content"])

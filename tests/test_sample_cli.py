@@ -29,6 +29,7 @@ def unloadable(tmp_path_factory):
                       rope_theta=1e4, max_seq_len=64)
     (root / "config.json").write_text(json.dumps(model_config_to_hf(cfg)))
     (root / "model.safetensors").write_bytes(b"not weights")
+    (root / "tokenizer_config.json").write_text("{}")  # no chat template: a base model, plain-text prompts
     return root
 
 
