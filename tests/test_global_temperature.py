@@ -438,9 +438,9 @@ def test_stop_strings_end_completions():
 
 def test_evaluation_records_sampler_diagnostics(tmp_path):
     from spl.demo import train_demo_tokenizer
+    from spl.evaluation.bestofn import best_of_n_summary
     from spl.evaluation.datasets import MathProblem
     from spl.evaluation.scoring import EvalModel, SamplingSetting, sample_responses
-    from spl.evaluation.bestofn import best_of_n_summary
     from spl.tokenizer import Tokenizer
 
     train_demo_tokenizer(tmp_path / "tokenizer.model")
