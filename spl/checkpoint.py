@@ -60,8 +60,9 @@ class CheckpointError(ValueError):
 # Atomic writes: write beside the target, flush to disk, then rename (atomic within one filesystem).
 
 
-def _fsync(path: Path) -> None:
-    # Without fsync a power loss right after the rename can leave a renamed but empty file.
+def fsync_path(path: Path) -> None:
+    """fsync one file or directory (a directory's entries: a rename in it becomes durable).
+    Without it a power loss right after a rename can leave a renamed but empty file."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -78,7 +79,7 @@ def _atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
-        _fsync(Path(tmp))
+        fsync_path(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -116,7 +117,7 @@ def atomic_dir(out_dir: str | os.PathLike, *, overwrite: bool = False) -> Iterat
     try:
         yield tmp
         for f in tmp.iterdir():
-            _fsync(f)
+            fsync_path(f)
         os.chmod(tmp, 0o755)  # mkdtemp makes it private (0o700)
         if out_dir.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent))

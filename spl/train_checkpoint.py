@@ -41,6 +41,7 @@ from spl.checkpoint import (
     SHARDED_CONFIG,
     atomic_write_text,
     dcp_load,
+    fsync_path,
     model_config_to_hf,
 )
 from spl.config import Config
@@ -64,15 +65,6 @@ def _failure(err: BaseException) -> str:
 def _checkpoint_exception() -> type[BaseException]:
     from torch.distributed.checkpoint.api import CheckpointException
     return CheckpointException
-
-
-def fsync_path(path: Path) -> None:
-    """fsync one file or directory (a directory's entries: a rename in it becomes durable)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def fsync_tree(root: Path) -> None:
