@@ -17,14 +17,6 @@ from spl.config import ConfigError, load_config
 from spl.distributed import TrainingError
 from tests.conftest import ROOT, run_script
 
-MISTRAL_TOKENIZER = None
-try:  # the real Mistral v1 tokenizer file ships inside mistral-common (a test-only dependency)
-    import mistral_common
-
-    MISTRAL_TOKENIZER = Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
-except ImportError:
-    pass
-
 
 def adapter(run: Path) -> dict[str, torch.Tensor]:
     latest = (run / "checkpoints" / "latest").read_text().strip()
@@ -120,24 +112,6 @@ def test_alpha_equal_beta_is_dpo_and_collapses(demo_run, tmp_path):
 
 
 # ----------------------------------------------------------------------------- real-data path
-
-@pytest.fixture(scope="module")
-def tiny_hf_model(tmp_path_factory) -> Path:
-    """A tiny random Mistral in the HF layout with the real 32000-token tokenizer beside it."""
-    if MISTRAL_TOKENIZER is None:
-        pytest.skip("mistral-common is not installed: no real tokenizer file for the real-data path")
-    from spl.checkpoint import save_model
-    from spl.config import ModelConfig
-    from spl.model import Transformer
-
-    cfg = ModelConfig(dim=32, n_layers=2, head_dim=8, hidden_dim=64, n_heads=4, n_kv_heads=2,
-                      vocab_size=32000, rope_theta=1e4, max_seq_len=512)
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("tiny") / "model"
-    save_model(Transformer(cfg), cfg, out)
-    shutil.copyfile(MISTRAL_TOKENIZER, out / "tokenizer.model")
-    return out
-
 
 HH = ROOT / "tests" / "fixtures" / "hh_rlhf_sample.jsonl"
 REAL = ["data.max_len=96", "data.max_prompt_len=64", "train.batch_size=4", "train.micro_batch_size=2",
