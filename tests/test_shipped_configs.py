@@ -12,13 +12,12 @@ import pytest
 from safetensors.torch import load_file
 
 from tests.conftest import ROOT, run_script
-from tests.test_trainer import tiny_hf_model  # noqa: F401 (fixture)
 
 CONFIGS = sorted(p.stem for p in (ROOT / "configs").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("ranks", [1, 2, 4, 8])
-def test_every_config_runs_on_n_ranks(tiny_hf_model, tmp_path, ranks):  # noqa: F811
+def test_every_config_runs_on_n_ranks(tiny_hf_model, tmp_path, ranks):
     out = run_script(["tests/shipped_configs_worker.py", str(tmp_path), str(tiny_hf_model)], nproc=ranks)
     line = next(x for x in out.stdout.splitlines() if x.startswith("RESULT "))
     results = json.loads(line.removeprefix("RESULT "))

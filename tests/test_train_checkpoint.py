@@ -21,7 +21,7 @@ from spl.checkpoint import CheckpointError, load_for_inference, load_model, load
 from spl.config import load_config
 from spl.distributed import DistEnv, TrainingError
 from tests.conftest import ROOT, run_script
-from tests.test_trainer import HH, REAL, build_run, tiny_hf_model  # noqa: F401 (fixture)
+from tests.test_trainer import HH, REAL, build_run
 
 FULL = [f"data.train_path={HH}", *REAL, "lora.enabled=false", "train.micro_batch_size=auto"]
 
@@ -46,7 +46,7 @@ def roll_back(src: Path, dst: Path, step: int) -> Path:
 
 
 @pytest.fixture(scope="module")
-def sharded_run(tiny_hf_model, tmp_path_factory) -> Path:  # noqa: F811
+def sharded_run(tiny_hf_model, tmp_path_factory) -> Path:
     """Full fine-tuning over 2 gloo ranks, 4 steps, checkpoints at 2 and 4, never interrupted."""
     out = tmp_path_factory.mktemp("sharded") / "run"
     run_script(["train.py", f"model.checkpoint={tiny_hf_model}", *FULL, "train.max_steps=4",
@@ -55,7 +55,7 @@ def sharded_run(tiny_hf_model, tmp_path_factory) -> Path:  # noqa: F811
 
 
 @pytest.mark.parametrize("ranks", [1, 2])
-def test_two_rank_sharded_checkpoint_resumes_on_one_or_two_ranks(sharded_run, tiny_hf_model, tmp_path,  # noqa: F811
+def test_two_rank_sharded_checkpoint_resumes_on_one_or_two_ranks(sharded_run, tiny_hf_model, tmp_path,
                                                                  ranks):
     """Each rank wrote its own shard; the run continues from step 2 on 1 or 2 ranks to the same
     weights as the uninterrupted run, logging steps 3 and 4 once."""
@@ -74,7 +74,7 @@ def test_two_rank_sharded_checkpoint_resumes_on_one_or_two_ranks(sharded_run, ti
     assert logged_steps(run) == [1, 2, 3, 4]
 
 
-def test_kill_during_sharded_save_then_resume(tiny_hf_model, tmp_path):  # noqa: F811
+def test_kill_during_sharded_save_then_resume(tiny_hf_model, tmp_path):
     """SIGKILL while a DCP save is under way (its temporary directory exists): the resumed run
     removes the remains, continues from the last complete checkpoint and ends where a clean run ends."""
     args = ["train.py", f"model.checkpoint={tiny_hf_model}", *FULL, "train.max_steps=5", "train.save_every=1"]
@@ -112,7 +112,7 @@ def _limit_file_size() -> None:  # in the child: writes past 1 MiB fail with EFB
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 
 
-def test_full_disk_is_one_clear_error(tiny_hf_model, tmp_path):  # noqa: F811
+def test_full_disk_is_one_clear_error(tiny_hf_model, tmp_path):
     """A shard that cannot be written stops the run with one line naming the checkpoint and the
     last good one; no temporary directory is left and ``latest`` does not move."""
     run = tmp_path / "run"
@@ -130,7 +130,7 @@ def test_full_disk_is_one_clear_error(tiny_hf_model, tmp_path):  # noqa: F811
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == []
 
 
-def test_files_and_directories_are_synced_before_latest_moves(tiny_hf_model, tmp_path, monkeypatch):  # noqa: F811
+def test_files_and_directories_are_synced_before_latest_moves(tiny_hf_model, tmp_path, monkeypatch):
     trainer = build_run(tiny_hf_model, tmp_path / "run", "train.max_steps=1")
     events = []
     real_fsync, real_replace = os.fsync, os.replace
