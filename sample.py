@@ -2,21 +2,37 @@
 temperature that targets pi(y)^(1/T) over whole responses (paper eqs. 7-10).
 
     python sample.py --global-temp 2                       # the demo checkpoint (runs/demo)
-    python sample.py --checkpoint runs/hh-spl --chat --prompt "How do I bake bread?" --num-samples 4
+    python sample.py --checkpoint runs/hh-spl --prompt "How do I bake bread?" --num-samples 4
     python sample.py --checkpoint /models/Mistral-7B-Instruct-v0.2 \\
-        --adapter runs/x/checkpoints/step_0005000/adapter --chat --prompts-file prompts.jsonl \\
-        --temperature 0.7 --top-p 0.9 --output samples.jsonl
+        --adapter runs/x/checkpoints/step_0005000/adapter --prompts-file prompts.jsonl \\
+        --temperature 0.7 --top-p 0.9 --stop "\\n\\nUser:" --output samples.jsonl
+
+Every option is checked before any weights are loaded: a bad one exits with code 2 and one line.
 """
 
 import argparse
 import json
+import math
 import sys
 import warnings
 from pathlib import Path
 
+from spl.chat_templates import CHOICES as CHAT_TEMPLATES
+
+
+def fail(message: str):
+    """A bad input: one line on stderr, exit code 2 (as argparse does)."""
+    print(f"sample.py: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        fail(message)  # one line: argparse would print the whole usage block first
+
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default="runs/demo",
                    help="a train.py run directory or one of its step_* checkpoints, or an HF-layout / "
                         "original-layout model directory (default: runs/demo)")
@@ -25,43 +41,96 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     p.add_argument("--prompts-file", help="prompts, one per line (.txt) or JSONL records with 'prompt' "
                                           "(text) or 'messages' (a conversation)")
-    p.add_argument("--chat", action="store_true", help="wrap prompts in the Mistral [INST] chat template")
+    p.add_argument("--chat-template", choices=CHAT_TEMPLATES, default="auto",
+                   help="how prompts are posed: auto (as the checkpoint was trained: its run config, "
+                        "tokenizer_config.json or control tokens), mistral-v1, mistral-v3, zephyr, none "
+                        "(plain text)")
     p.add_argument("--num-samples", type=int, default=1, help="completions per prompt (default 1)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="token budget per completion (default 64)")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="end a completion where TEXT first appears (repeatable); its text is cut there")
     p.add_argument("--global-temp", type=float, help="sequence-level temperature T: sample from pi(y)^(1/T)")
     p.add_argument("--method", choices=["auto", "resample", "smc"], default="auto",
-                   help="global-temperature sampler: importance resampling, sequential Monte Carlo, or "
-                        "auto (resample for T >= 1, smc for T < 1)")
+                   help="global-temperature sampler: importance resampling, sequential Monte Carlo, or auto "
+                        "(spl.global_temperature.choose_method)")
     p.add_argument("--num-candidates", type=int,
                    help="candidates / particles per prompt for --global-temp (default max(16, 4 x samples))")
+    p.add_argument("--moves", type=int, help="smc: Metropolis-Hastings rejuvenation moves after each "
+                                             "resampling step and after the final draw (default: auto's)")
     p.add_argument("--temperature", type=float, default=1.0, help="token-level temperature; 0 is greedy")
     p.add_argument("--top-k", type=int, help="keep the k most likely tokens")
     p.add_argument("--top-p", type=float, help="keep the smallest set of tokens with probability >= p")
     p.add_argument("--min-p", type=float, help="keep tokens with probability >= min_p x the top one's")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=8, help="prompts decoded together (default 8)")
+    p.add_argument("--batch-size", type=int, default=64,
+                   help="rows decoded at once: prompts x samples, or prompts x candidates under "
+                        "--global-temp (default 64)")
     p.add_argument("--output", help="write one JSON line per completion to this file")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default=None,
                    help="weights dtype (default: bf16 on CUDA, fp32 on CPU)")
     args = p.parse_args(argv)
-    if args.global_temp is not None and (args.temperature != 1.0 or args.top_k or args.top_p or args.min_p):
-        p.error("--global-temp replaces token-level --temperature/--top-k/--top-p/--min-p; "
+    token_level = {"--temperature": args.temperature != 1.0, "--top-k": args.top_k is not None,
+                   "--top-p": args.top_p is not None, "--min-p": args.min_p is not None}
+    if args.global_temp is not None and any(token_level.values()):
+        p.error(f"--global-temp replaces token-level {', '.join(k for k, v in token_level.items() if v)}; "
                 "use one or the other")
-    if args.global_temp is not None and args.global_temp <= 0:
-        p.error("--global-temp must be positive")
-    if args.num_samples < 1 or args.max_new_tokens < 1 or args.batch_size < 1:
-        p.error("--num-samples, --max-new-tokens and --batch-size must be at least 1")
+    if args.global_temp is None:
+        given = [k for k, v in (("--method", args.method != "auto"), ("--moves", args.moves is not None),
+                                ("--num-candidates", args.num_candidates is not None)) if v]
+        if given:
+            p.error(f"{', '.join(given)} only apply with --global-temp")
+    from spl.sampling import check_filters
+
+    try:
+        check_filters(args.temperature, args.top_k, args.top_p, args.min_p)
+    except ValueError as e:  # "top_p must lie in (0, 1], got 2.0": name the flag instead
+        name, rest = str(e).split(" ", 1)
+        p.error(f"--{name.replace('_', '-')} {rest}")
+    if args.global_temp is not None and not (args.global_temp > 0 and math.isfinite(args.global_temp)):
+        p.error(f"--global-temp must be a positive number, got {args.global_temp}")
+    for name in ("num_samples", "max_new_tokens", "batch_size"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.num_candidates is not None and args.num_candidates < args.num_samples:
+        p.error(f"--num-candidates ({args.num_candidates}) must be at least --num-samples "
+                f"({args.num_samples}): the samples are drawn from the candidates")
+    if args.moves is not None and (args.moves < 0 or args.method == "resample"):
+        p.error("--moves must be >= 0, and applies to --method smc (or auto) only")
+    if any(not s for s in args.stop):
+        p.error("--stop needs a non-empty text")
+    for flag, path, kind in (("--checkpoint", args.checkpoint, "dir"), ("--adapter", args.adapter, "dir"),
+                             ("--tokenizer", args.tokenizer, "file"),
+                             ("--prompts-file", args.prompts_file, "file")):
+        if path is not None and not (Path(path).is_dir() if kind == "dir" else Path(path).is_file()):
+            p.error(f"{flag} {'directory' if kind == 'dir' else 'file'} not found: {path}"
+                    + (" (train first: python train.py)" if flag == "--checkpoint" else ""))
+    if args.output is not None and not Path(args.output).resolve().parent.is_dir():
+        p.error(f"--output: directory {Path(args.output).resolve().parent} does not exist")
+    if args.device is not None:
+        _check_device(p, args.device)
     return args
 
 
+def _check_device(p: argparse.ArgumentParser, name: str) -> None:
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        p.error(f"--device {name!r} is not a device (cpu, cuda, cuda:1, ...)")
+    if device.type == "cuda" and (not torch.cuda.is_available()
+                                  or (device.index or 0) >= torch.cuda.device_count()):
+        p.error(f"--device {name}: no such CUDA device here ({torch.cuda.device_count()} visible)")
+    if device.type not in ("cpu", "cuda"):
+        p.error(f"--device {name}: only cpu and cuda are supported")
+
+
 def read_prompts(args) -> list:
-    """Prompts as strings, or as message lists (from JSONL 'messages')."""
+    """Prompts as strings, or as message lists (from JSONL 'messages'); each record checked."""
     prompts = list(args.prompt or [])
     if args.prompts_file:
         path = Path(args.prompts_file)
-        if not path.is_file():
-            raise SystemExit(f"sample.py: --prompts-file not found: {path}")
         for n, line in enumerate(path.read_text().splitlines(), 1):
             if not line.strip():
                 continue
@@ -71,20 +140,76 @@ def read_prompts(args) -> list:
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
-                raise SystemExit(f"sample.py: {path}, line {n}: invalid JSON ({e.msg})") from None
-            value = rec.get("messages", rec.get("prompt")) if isinstance(rec, dict) else None
-            if not isinstance(value, str | list):
-                raise SystemExit(f"sample.py: {path}, line {n}: needs a 'prompt' string or 'messages' list")
-            prompts.append(rec["messages"] if "messages" in rec else rec["prompt"])
+                fail(f"{path}, line {n}: invalid JSON ({e.msg})")
+            if not isinstance(rec, dict):
+                fail(f"{path}, line {n}: expected an object with 'prompt' or 'messages', got a "
+                     f"{type(rec).__name__}")
+            if isinstance(rec.get("prompt"), str) and "messages" not in rec:
+                prompts.append(rec["prompt"])
+            elif isinstance(rec.get("messages"), list) and "prompt" not in rec:
+                bad = [i for i, m in enumerate(rec["messages"]) if not isinstance(m, dict)
+                       or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str)]
+                if bad or not rec["messages"]:
+                    fail(f"{path}, line {n}: 'messages' must be a non-empty list of "
+                         f"{{'role': ..., 'content': str}} (message {bad[0] if bad else 0})")
+                prompts.append(rec["messages"])
+            else:
+                fail(f"{path}, line {n}: needs either a 'prompt' string or a 'messages' list")
     return prompts
+
+
+def peek_checkpoint(args):
+    """``--checkpoint``'s InferenceSource (config, tokenizer, base) from its config files, without its
+    weights."""
+    from spl.checkpoint import CheckpointError, inference_source
+
+    try:
+        return inference_source(args.checkpoint, args.tokenizer)
+    except CheckpointError as e:
+        fail(str(e))
+
+
+def encode_prompts(tok, prompts: list) -> list[list[int]]:
+    """A text prompt is one user message: under the "none" template, bos + the text."""
+    ids = []
+    for i, p in enumerate(prompts):
+        try:
+            ids.append(tok.encode_prompt(p if isinstance(p, list) else [{"role": "user", "content": p}]))
+        except ValueError as e:
+            fail(f"prompt {i}: {e}")
+    return ids
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    prompts = read_prompts(args)
+    from spl.chat_templates import set_chat_template
+    from spl.tokenizer import Tokenizer
+
+    found = peek_checkpoint(args)
+    max_seq_len, tok_path = found.config.max_seq_len, found.tokenizer
+    questions = None  # an opinion run's survey questions, when its own are asked (answer tallies)
+    if not prompts:
+        prompts, questions = default_prompts(Path(args.checkpoint))
+    # Prompts, chat template and context checked with the tokenizer alone, before any weights.
+    try:
+        early = Tokenizer(tok_path)
+        # As the checkpoint was trained to be asked (its run config, tokenizer_config.json, control
+        # tokens), or the given template, checked against the tokenizer.
+        template = set_chat_template(early, args.chat_template, checkpoint=found.source, base=found.base,
+                                     adapter=args.adapter)
+    except (ValueError, FileNotFoundError) as e:  # ChatTemplateError is a ValueError
+        fail(str(e))
+    ids = encode_prompts(early, prompts)
+    if max_seq_len is not None and max(map(len, ids)) + args.max_new_tokens > max_seq_len:
+        fail(f"--max-new-tokens {args.max_new_tokens} + the longest prompt ({max(map(len, ids))} tokens) "
+             f"exceeds the model's context of {max_seq_len} tokens")
+
     import torch
 
-    from spl.sampling import generate, sample_global_temperature
-    from spl.trainer import TrainingError, load_for_inference
+    from spl.checkpoint import CheckpointError, load_for_inference
+    from spl.global_temperature import choose_method, default_num_candidates, sample_global_temperature
+    from spl.sampling import StopStrings, generate
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(
@@ -92,77 +217,88 @@ def main(argv: list[str] | None = None) -> int:
     try:
         loaded = load_for_inference(args.checkpoint, adapter=args.adapter, tokenizer=args.tokenizer,
                                     device=device, dtype=dtype)
-    except (TrainingError, ValueError, FileNotFoundError) as e:
+    except (CheckpointError, ValueError, FileNotFoundError) as e:
         print(f"sample.py: {e}", file=sys.stderr)
         return 1
     model, tok = loaded.model, loaded.tokenizer
+    tok.chat_template = early.chat_template.name
+    print(template, file=sys.stderr)
     if loaded.has_adapter:
         from spl.lora import merge
         merge(model)  # fold the adapters in once: decoding then costs what the base model costs
-    prompts = read_prompts(args)
-    questions = None  # an opinion run's survey questions, when its own are asked (answer tallies)
-    if not prompts:
-        prompts, questions = default_prompts(loaded.source)
-    ids = []
-    for p in prompts:
-        if args.chat or isinstance(p, list):
-            messages = p if isinstance(p, list) else [{"role": "user", "content": p}]
-            ids.append(tok.encode_prompt(messages))
-        else:
-            ids.append(tok.encode(p, bos=True))
-    method = "token" if args.global_temp is None else args.method
-    if method == "auto":  # the sampler's own rule, recorded so outputs say what actually ran
-        method = "resample" if args.global_temp >= 1 else "smc"
-    kw = dict(max_new_tokens=args.max_new_tokens, num_samples=args.num_samples, eos_id=tok.eos_id)
-    streaming = sys.stdout.isatty() and args.global_temp is None and len(ids) * args.num_samples == 1
+    ids = encode_prompts(tok, prompts)  # with the tokenizer the loader checked
+    stop = StopStrings(tok, args.stop) if args.stop else None
+    glob = args.global_temp is not None
+    method, per_prompt = "token", args.num_samples  # per prompt: rows decoded together
+    if glob:  # auto resolved here so the output names what ran
+        method = choose_method(args.global_temp) if args.method == "auto" else args.method
+        per_prompt = args.num_candidates or default_num_candidates(args.num_samples, args.global_temp)
+    kw = dict(max_new_tokens=args.max_new_tokens, num_samples=args.num_samples, eos_id=tok.eos_id, stop=stop,
+              max_rows=args.batch_size)
+    streaming = sys.stdout.isatty() and not glob and len(ids) * args.num_samples == 1
     out_file = open(args.output, "w") if args.output else None  # noqa: SIM115 (closed below)
-    shown = 0
+    step = max(1, args.batch_size // per_prompt)  # prompts per call
     try:
-        for start in range(0, len(ids), args.batch_size):
-            batch = ids[start:start + args.batch_size]
+        for start in range(0, len(ids), step):
+            batch = ids[start:start + step]
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                if args.global_temp is None:
-                    stream = None
-                    if streaming:
-                        stream, shown = _streamer(tok, prompts[0]), 1
-                    res = generate(model, batch, temperature=args.temperature, top_k=args.top_k,
-                                   top_p=args.top_p, min_p=args.min_p, seed=args.seed + start,
-                                   stream=stream, **kw)
-                    ess = None
-                else:
-                    res = sample_global_temperature(model, batch, args.global_temp, method=args.method,
-                                                    num_candidates=args.num_candidates,
-                                                    seed=args.seed + start, **kw)
-                    ess = res.ess.tolist()
+                try:
+                    if not glob:
+                        stream = _streamer(tok, prompts[0]) if streaming else None
+                        res = generate(model, batch, temperature=args.temperature, top_k=args.top_k,
+                                       top_p=args.top_p, min_p=args.min_p, seed=args.seed + start,
+                                       stream=stream, **kw)
+                    else:
+                        res = sample_global_temperature(model, batch, args.global_temp, method=method,
+                                                        num_candidates=args.num_candidates, moves=args.moves,
+                                                        seed=args.seed + start, **kw)
+                except ValueError as e:  # what only the loaded model can tell (e.g. its context)
+                    fail(str(e))
             for w in caught:
                 print(f"warning: {w.message}", file=sys.stderr)
-            for i, toks in enumerate(res.tokens):
-                p_idx = int(res.prompt_index[i])
-                text = tok.decode([t for t in toks if t != tok.eos_id])
-                temp = args.global_temp if args.global_temp is not None else args.temperature
-                record = {"prompt": prompts[start + p_idx], "completion": text, "num_tokens": len(toks),
-                          "logp": float(res.logps[i]), "method": method, "temperature": temp,
-                          "ess": ess[p_idx] if ess is not None else None}
-                if out_file:
-                    out_file.write(json.dumps(record) + "\n")
-                if not shown:
-                    header = (f"[prompt {start + p_idx}, sample {i % args.num_samples}] "
-                              f"logp={record['logp']:.2f}")
-                    if ess is not None:
-                        header += f" ess={ess[p_idx]:.1f}"
-                    print(f"{header}\n{_show(prompts[start + p_idx])}{text}\n")
-            if questions and args.global_temp is not None and args.num_samples > 1:
+            _report(args, tok, stop, prompts, start, len(batch), res, method, glob, streaming, out_file)
+            if questions and glob and args.num_samples > 1:
                 from spl.demo import answer_tally  # the samples counted beside the exact pi^(1/T)
-                for p_idx in range(len(batch)):
-                    rows = [t for i, t in enumerate(res.tokens) if int(res.prompt_index[i]) == p_idx]
-                    print(answer_tally(model, tok, questions[start + p_idx], rows, args.global_temp) + "\n")
+                k = args.num_samples
+                for p in range(len(batch)):
+                    print(answer_tally(model, tok, questions[start + p], res.tokens[p * k:(p + 1) * k],
+                                       args.global_temp) + "\n")
     finally:
         if out_file:
             out_file.close()
     if args.output:
         print(f"wrote {args.output}", file=sys.stderr)
     return 0
+
+
+def _report(args, tok, stop, prompts, start, count, res, method, glob, streaming, out_file) -> None:
+    """Write each completion's JSON line and show it (with the prompt's sampler diagnostics)."""
+    k = args.num_samples
+    for p in range(count):
+        diag = res.diagnostics(p) if glob else None
+        if diag is not None:
+            moves = diag["move_acceptance"]
+            print(f"[prompt {start + p}] {diag['method']}, n={diag['num_candidates']}: "
+                  f"{diag['distinct_samples']} distinct of {k} from {diag['distinct_lineages']} lineages; "
+                  f"ESS {diag['ess']:.1f} (lowest per step {diag['min_step_ess']:.1f}); "
+                  f"{diag['resamples']} resampling steps"
+                  + (f"; moves accepted {moves:.0%}" if moves is not None else ""))
+        for j in range(k):
+            i = p * k + j
+            text = tok.decode([t for t in res.tokens[i] if t != tok.eos_id])
+            cut = False
+            if stop is not None:
+                text, cut = stop.cut(text)
+            reason = "stop" if cut else "eos" if bool(res.finished[i]) else "length"
+            record = {"prompt": prompts[start + p], "completion": text, "num_tokens": len(res.tokens[i]),
+                      "logp": float(res.logps[i]), "finish_reason": reason, "method": method,
+                      "temperature": args.global_temp if glob else args.temperature, "sampler": diag}
+            if out_file:
+                out_file.write(json.dumps(record) + "\n")
+            if not streaming:
+                header = f"[prompt {start + p}, sample {j}] logp={record['logp']:.2f} ({reason})"
+                print(f"{header}\n{_show(prompts[start + p])}{text}\n")
 
 
 def _show(prompt) -> str:
@@ -186,14 +322,15 @@ def _streamer(tok, prompt):
     return on_token
 
 
-def default_prompts(source: Path) -> tuple[list[str], list]:
-    """An opinion run's own survey questions (the demo's), with the questions; else ask for a prompt."""
+def default_prompts(checkpoint: Path) -> tuple[list[str], list]:
+    """An opinion run's own survey questions (the demo's) and the questions; else ask for a prompt."""
+    from spl.checkpoint import resolve_checkpoint
     from spl.demo import run_questions
 
-    questions = run_questions(source)
+    questions = run_questions(resolve_checkpoint(checkpoint))
     if questions:
         return [q.prompt() for q in questions], questions
-    raise SystemExit("sample.py: give --prompt or --prompts-file")
+    fail("give --prompt or --prompts-file")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ Arguments: an optional YAML file listing what differs from the defaults in spl/c
 dotted ``section.key=value`` overrides (values parsed as YAML).
 """
 
+import os
 import sys
 
 
@@ -19,17 +20,33 @@ def main(argv: list[str] | None = None) -> int:
         from spl.config import Config
         print("Defaults:\n" + Config().to_yaml())
         return 0
+    import torch.distributed as dist
+
+    from spl.chat_templates import ChatTemplateError
     from spl.checkpoint import CheckpointError
     from spl.config import ConfigError, load_config
     from spl.data import DataError
-    from spl.trainer import TrainingError, init_distributed, run
+    from spl.distributed import TrainingError, init_distributed, world_size_from_env
+    from spl.reporting import ReportingError
+    from spl.trainer import batch_layout, run
 
+    # Every rank reads the same files and agrees on collective outcomes (spl/distributed.py), so
+    # the errors below are the same on every rank: rank 0 alone reports them.
+    main_rank = int(os.environ.get("RANK", 0)) == 0
     path = argv[0] if argv and "=" not in argv[0] else None
     try:
         cfg = load_config(path, argv[1:] if path else argv)
     except ConfigError as e:
-        print(f"train.py: config error: {e}", file=sys.stderr)
+        if main_rank:
+            print(f"train.py: config error: {e}", file=sys.stderr)
         return 2
+    try:
+        batch_layout(cfg.train, world_size_from_env())  # before the process group and any weights
+    except TrainingError as e:
+        if main_rank:
+            print(f"train.py: {e}", file=sys.stderr)
+        return 1
+    owns_group = not dist.is_initialized()  # a caller's process group (tests) is left running
     env = init_distributed()
     if env.is_main:
         print("resolved config:\n" + cfg.to_yaml())
@@ -39,12 +56,12 @@ def main(argv: list[str] | None = None) -> int:
             run_demo(cfg, env)
         else:
             run(cfg, env)
-    except (TrainingError, DataError, CheckpointError) as e:
-        print(f"train.py: {e}", file=sys.stderr)
+    except (TrainingError, DataError, CheckpointError, ReportingError, ChatTemplateError) as e:
+        if main_rank:
+            print(f"train.py: {e}", file=sys.stderr)
         return 1
     finally:
-        import torch.distributed as dist
-        if dist.is_initialized():
+        if owns_group and dist.is_initialized():
             dist.destroy_process_group()
     return 0
 

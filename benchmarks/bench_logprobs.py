@@ -2,7 +2,8 @@
 
     python benchmarks/bench_logprobs.py                                  # CPU defaults
     python benchmarks/bench_logprobs.py --dtype bf16 --n 2048 8192 16384 --d 4096 --matmul-rate
-    python benchmarks/bench_logprobs.py --sweep                          # GPU: time kernel configs
+    python benchmarks/bench_logprobs.py --sweep --v 32000 128256         # GPU: chunk sizes, ~30 s
+    python benchmarks/bench_logprobs.py --check --n 2048 --v 32000       # accuracy vs float64
 
 Each row runs ``spl.logprobs.sequence_logps(impl=...)`` on B sequences of T tokens (B * T = N,
 all tokens in the loss), then backward from a random (B,) gradient, as SPL's loss would send.
@@ -132,49 +133,87 @@ def measure(step, inputs, device: torch.device, repeat: int) -> tuple[float, int
 
 
 def bench_row(impl: str, n: int, d: int, v: int, dtype: torch.dtype, device: torch.device, trainable: bool,
-              repeat: int) -> tuple[float, int]:
+              repeat: int, chunk_size: int | None = None) -> tuple[float, int]:
     inputs = make_inputs(n, d, v, dtype, device, trainable)
     hidden, weight, targets, mask, grad = inputs
 
     def step():
-        sequence_logps(hidden, weight, targets, mask, impl=impl).backward(grad)
+        sequence_logps(hidden, weight, targets, mask, impl=impl, chunk_size=chunk_size).backward(grad)
 
     return measure(step, inputs, device, repeat)
 
 
 # ---------------------------------------------------------------------------------------------
-# Kernel-config sweep (GPU)
+# Accuracy at real shapes (GPU): every impl against a float64 reference
 # ---------------------------------------------------------------------------------------------
 
 
-def sweep(device: torch.device, dtype: torch.dtype, n: int, d: int, v: int, repeat: int) -> None:
-    """Time the Triton path under a few tile/chunk choices; update kernels/heuristics.py from it."""
-    from kernels.fused_logprobs import fused_token_logps
-    from kernels.heuristics import KernelConfig, Tiles
+def check(device: torch.device, dtype: torch.dtype, n: int, d: int, vs: list[int], impls: list[str]) -> None:
+    """Relative error ||out - ref|| / ||ref|| of log-probs and both gradients, against float64.
 
-    logits = [Tiles(128, 128, 64, 8, 3), Tiles(128, 256, 64, 8, 3), Tiles(128, 128, 64, 4, 4)]
-    grads = [Tiles(128, 128, 64, 8, 3), Tiles(128, 256, 32, 8, 3), Tiles(128, 128, 32, 8, 4)]
+    Plain torch in the same dtype is the yardstick: a fused path should err no more than ~2x as
+    much as it (STYLE.md's rule for bf16)."""
     print(f"Machine: {machine(device)}")
-    print(f"\nTriton config sweep: N={n} D={d} V={v} {dtype}, frozen weight, fwd+bwd ms\n")
-    print("| logits (m, n, k, warps, stages) | grads (m, n, k, warps, stages) | chunk_rows | ms |")
-    print("|---|---|---|---|")
-    for lt, gt, rows in itertools.product(logits, grads, (1024, 2048)):
-        cfg = KernelConfig(logits=lt, hidden_grad=gt, weight_grad=gt, chunk_rows=rows)
-        hidden = torch.randn(n, d, device=device, dtype=dtype).requires_grad_(True)
-        weight = torch.randn(v, d, device=device, dtype=dtype) * 2 / d**0.5
-        targets = torch.randint(0, v, (n,), device=device)
-        g = torch.randn(n, device=device)
+    print(f"\nAccuracy vs float64: N={n} D={d}, {dtype}, one random (B,) upstream gradient\n")
+    print("| impl | V | weight | logps rel err | d hidden rel err | d weight rel err |")
+    print("|---|---|---|---|---|---|")
+    rel = lambda a, b: ((a.double() - b).norm() / b.norm()).item()
+    for v, trainable in itertools.product(vs, (False, True)):
+        hidden, weight, targets, mask, grad = make_inputs(n, d, v, dtype, device, trainable)
+        h64 = hidden.detach().double().requires_grad_(True)
+        w64 = weight.detach().double().requires_grad_(trainable)
+        ref = sequence_logps(h64, w64, targets, mask, impl="plain")
+        ref.backward(grad.double())
+        for impl in impls:
+            hidden.grad = weight.grad = None
+            out = sequence_logps(hidden, weight, targets, mask, impl=impl)
+            out.backward(grad)
+            dw = f"{rel(weight.grad, w64.grad):.2e}" if trainable else "-"
+            kind = "trainable" if trainable else "frozen"
+            print(f"| {impl} | {v} | {kind} | {rel(out.detach(), ref.detach()):.2e} "
+                  f"| {rel(hidden.grad, h64.grad):.2e} | {dw} |", flush=True)
+        del hidden, weight, h64, w64, ref
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
-        def step(hidden=hidden, weight=weight, targets=targets, cfg=cfg, g=g):
-            fused_token_logps(hidden, weight, targets, config=cfg).backward(g)
 
-        try:
-            ms, _ = measure(step, (hidden, weight), device, repeat)
-            cell = f"{ms:.2f}"
-        except Exception as e:  # a config that fails to compile (e.g. shared memory) is a result too
-            cell = f"failed: {type(e).__name__}"
-        tile = lambda t: f"{t.m}, {t.n}, {t.k}, {t.num_warps}, {t.num_stages}"
-        print(f"| {tile(lt)} | {tile(gt)} | {rows} | {cell} |", flush=True)
+# ---------------------------------------------------------------------------------------------
+# Chunk-size sweep (GPU)
+# ---------------------------------------------------------------------------------------------
+
+
+def sweep(device: torch.device, dtype: torch.dtype, n: int, d: int, vs: list[int], repeat: int) -> None:
+    """Time the Triton path's choices; update kernels/heuristics.py from it.
+
+    Frozen weight: tokens per chunk (the heuristic's own pick last). Trainable weight: all logits
+    kept for backward against recomputed per chunk (``kernels.heuristics.keep_logits``)."""
+    import spl.logprobs as lp
+    from kernels.heuristics import chunk_rows, device_spec
+
+    print(f"Machine: {machine(device)}")
+    print(f"\nTriton path sweep: N={n} D={d} {dtype}, fwd+bwd ms, peak extra MB\n")
+    print("| V | weight | chunk tokens | trainable logits | fwd+bwd ms | peak extra MB |")
+    print("|---|---|---|---|---|---|")
+    keep_logits = lp.keep_logits
+    for v in vs:
+        default = chunk_rows(device_spec(device), v, d, torch.tensor([], dtype=dtype).element_size())
+        cases = [("frozen", rows, "-") for rows in (1024, 2048, 4096)] + [("frozen", None, "-")]
+        cases += [("trainable", None, "kept"), ("trainable", None, "recomputed")]
+        for weight, rows, logits in cases:
+            lp.keep_logits = keep_logits if logits == "-" else (lambda *a, keep=logits == "kept": keep)
+            try:
+                ms, peak = bench_row("triton", n, d, v, dtype, device, weight == "trainable", repeat, rows)
+                cells = f"{ms:.2f} | {peak / 2**20:.0f}"
+            except Exception as e:  # e.g. out of memory: a result too
+                cells = f"failed: {type(e).__name__} | -"
+            finally:
+                lp.keep_logits = keep_logits
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            label = f"{rows}" if rows else f"{default} (default)"
+            print(f"| {v} | {weight} | {label} | {logits} | {cells} |", flush=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,14 +236,17 @@ def main() -> None:
     parser.add_argument("--n", type=int, nargs="+", default=None,
                         help="tokens (default: GPU 2048 8192 16384, CPU 2048 8192)")
     parser.add_argument("--d", type=int, default=None, help="model dim (default: GPU 4096, CPU 512)")
-    parser.add_argument("--v", type=int, default=32000)
+    parser.add_argument("--v", type=int, nargs="+", default=[32000], help="vocabulary sizes")
     parser.add_argument("--impl", nargs="+", default=None, help="default: plain chunked (+ triton on GPU)")
     parser.add_argument("--weight", nargs="+", default=["frozen", "trainable"],
                         choices=["frozen", "trainable"])
     parser.add_argument("--repeat", type=int, default=None,
                         help="timed calls per row (default: GPU 10, CPU 1)")
     parser.add_argument("--matmul-rate", action="store_true", help="measure the matmul floor")
-    parser.add_argument("--sweep", action="store_true", help="time Triton kernel configs (GPU) and exit")
+    parser.add_argument("--sweep", action="store_true",
+                        help="time the Triton path's chunk sizes and kept vs recomputed logits, then exit")
+    parser.add_argument("--check", action="store_true",
+                        help="accuracy of every impl against float64 at the first N, then exit")
     args = parser.parse_args()
 
     device = torch.device(args.device)
@@ -217,32 +259,37 @@ def main() -> None:
     if not gpu:
         # mallopt(M_MMAP_THRESHOLD = -3, 64 KiB): big blocks go straight back to the OS on free.
         ctypes.CDLL("libc.so.6").mallopt(-3, 64 * 1024)
+    if args.check:
+        check(device, dtype, ns[0], d, args.v, impls)
+        return
     if args.sweep:
         sweep(device, dtype, args.n[0] if args.n else 8192, d, args.v, repeat)
         return
 
     name = "bf16" if dtype == torch.bfloat16 else "fp32"
-    rate = matmul_rate(device, dtype, 8192 if gpu else 2048, d, args.v, repeat) if args.matmul_rate else None
+    rate = None
+    if args.matmul_rate:
+        rate = matmul_rate(device, dtype, 8192 if gpu else 2048, d, args.v[0], repeat)
     print(f"Machine: {machine(device)}")
     if rate:
-        print(f"torch.matmul {name} rate: {rate / 1e12:.3g} TFLOP/s ((N, {d}) @ ({d}, {args.v}))")
+        print(f"torch.matmul {name} rate: {rate / 1e12:.3g} TFLOP/s ((N, {d}) @ ({d}, {args.v[0]}))")
     print("\n| impl | N | D | V | dtype | weight | fwd+bwd ms | peak extra MB | speed-up vs plain "
           "| memory vs plain |" + (" matmul floor ms | time / floor |" if rate else ""))
     print("|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if rate else ""))
-    for n, weight in itertools.product(ns, args.weight):
+    for v, n, weight in itertools.product(args.v, ns, args.weight):
         plain = None
         for impl in impls:
-            ms, peak = bench_row(impl, n, d, args.v, dtype, device, weight == "trainable", repeat)
+            ms, peak = bench_row(impl, n, d, v, dtype, device, weight == "trainable", repeat)
             gc.collect()  # this row's tensors are gone before the next row measures
             if gpu:
                 torch.cuda.empty_cache()
             if impl == "plain":
                 plain = (ms, peak)
             rel = f"{plain[0] / ms:.2f}x | {peak / max(plain[1], 1):.1%}" if plain else "- | -"
-            row = (f"| {impl} | {n} | {d} | {args.v} | {name} | {weight} | {ms:.1f} "
+            row = (f"| {impl} | {n} | {d} | {v} | {name} | {weight} | {ms:.1f} "
                    f"| {peak / 2**20:.0f} | {rel} |")
             if rate:
-                floor = (6 if weight == "trainable" else 4) * n * d * args.v / rate * 1e3
+                floor = (6 if weight == "trainable" else 4) * n * d * v / rate * 1e3
                 row += f" {floor:.1f} | {ms / floor:.2f} |"
             print(row, flush=True)
 

@@ -170,15 +170,15 @@ def run_ours(model_dir: str, out_dir: str, mode: str, steps: int, gc: bool, cloc
     trainer = Trainer(cfg, DistEnv(), model, data)
     trainer.optimizer.register_step_post_hook(lambda *_: clock.tick())
     precompute_s = [0.0, 0.0]  # wall, CPU
-    precompute = trainer.precompute_reference
+    precompute = trainer.attach_references
 
-    def timed_precompute(path):
+    def timed_precompute():
         t0 = clock.now()
-        precompute(path)
+        precompute()
         clock.start()  # the loop's first step starts after the precompute
         precompute_s[:] = [b - a for a, b in zip(t0, clock.ticks[0], strict=True)]
 
-    trainer.precompute_reference = timed_precompute
+    trainer.attach_references = timed_precompute
     clock.start()
     last = trainer.train()
     return {"base_mib": base_mib, "precompute_s": precompute_s, "loss": last["loss"]}

@@ -176,7 +176,7 @@ def sweep(args) -> tuple[dict, list[SurveyQuestion], list[torch.Tensor]]:
         base = Config(lora=LoRAConfig(enabled=False), data=DataConfig(chat_template=False))
         fit_reference(base, env, questions, ref_dir, model_config, steps=args.reference_steps, copies=4,
                       batch_size=1024)
-    tok = Tokenizer(ref_dir / "tokenizer.model")
+    tok = Tokenizer(ref_dir / "tokenizer.model", "none")
     reference, _ = load_model(ref_dir)
     ref = answer_distributions(reference, tok, questions)
     uniform_tv = [total_variation(r, torch.full_like(r, 1 / len(r))) for r in ref]

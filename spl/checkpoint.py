@@ -22,6 +22,13 @@ Saving writes the HF layout (loadable by ``MistralForCausalLM.from_pretrained``)
 into a temporary directory beside the target and renames it into place (``atomic_dir``): a crash
 leaves either the old checkpoint or the new one, never a mix of shards. ``atomic_save_file`` and
 ``atomic_write_text`` do the same for single files (trainer state, adapters, logs).
+
+A third layout is the trainer's own: full fine-tuning writes each rank's FSDP2 shards with
+``torch.distributed.checkpoint`` (``step_XXXXXXX/dcp/``, written by ``spl/train_checkpoint.py``).
+``load_sharded_model`` reads one back whole, on one process, for inference and ``spl.export``.
+
+Reading a run (``resolve_checkpoint``, ``load_for_inference``) lives here too, so ``sample.py`` and
+the evaluation load what training wrote without importing the trainer.
 """
 
 from __future__ import annotations
@@ -34,11 +41,12 @@ import tempfile
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from spl.config import ConfigError, ModelConfig
 from spl.model import Transformer
@@ -52,8 +60,9 @@ class CheckpointError(ValueError):
 # Atomic writes: write beside the target, flush to disk, then rename (atomic within one filesystem).
 
 
-def _fsync(path: Path) -> None:
-    # Without fsync a power loss right after the rename can leave a renamed but empty file.
+def fsync_path(path: Path) -> None:
+    """fsync one file or directory (a directory's entries: a rename in it becomes durable).
+    Without it a power loss right after a rename can leave a renamed but empty file."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -70,7 +79,7 @@ def _atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
-        _fsync(Path(tmp))
+        fsync_path(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -108,7 +117,7 @@ def atomic_dir(out_dir: str | os.PathLike, *, overwrite: bool = False) -> Iterat
     try:
         yield tmp
         for f in tmp.iterdir():
-            _fsync(f)
+            fsync_path(f)
         os.chmod(tmp, 0o755)  # mkdtemp makes it private (0o700)
         if out_dir.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent))
@@ -577,3 +586,216 @@ def save_original(model: Transformer, cfg: ModelConfig, out_dir: str | os.PathLi
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         save_file(tensors, tmp / "consolidated.safetensors", metadata={"format": "pt"})
         (tmp / "params.json").write_text(json.dumps(model_config_to_params(cfg), indent=2) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------
+# Sharded training checkpoints (torch.distributed.checkpoint, "DCP").
+
+# DCP pickles its index (``dcp/.metadata``) and loads tensors with ``torch.load(weights_only=True)``.
+# The index is unpickled here through an allow-list of DCP's own metadata classes, so even a
+# tampered checkpoint cannot run code; the trainer stores only tensors in DCP (no pickled bytes).
+_DCP_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem")
+_DCP_GLOBALS = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
+                ("pathlib", "Path"), ("pathlib", "PosixPath"), ("pathlib", "WindowsPath")}
+
+
+def _dcp_metadata_unpickler(file):
+    import pickle
+
+    inert = (torch.dtype, torch.layout, torch.memory_format)
+
+    class Unpickler(pickle.Unpickler):
+        def find_class(self, module: str, name: str):
+            # Only plain names (a dotted one could reach any attribute of an allowed module) of
+            # torch, pathlib and collections are even looked up; then only the allow-list passes.
+            found = None
+            if "." not in name and module.split(".")[0] in ("torch", "pathlib", "collections"):
+                found = super().find_class(module, name)
+            dcp_class = module in _DCP_MODULES and isinstance(found, type) and found.__module__ == module
+            allowed = (module, name) in _DCP_GLOBALS or (module == "torch" and isinstance(found, inert))
+            if dcp_class or allowed:
+                return found
+            raise CheckpointError(f"{getattr(file, 'name', file)}: refusing to unpickle {module}.{name}: "
+                                  "not part of a torch.distributed.checkpoint index")
+    return Unpickler(file)
+
+
+def read_dcp_metadata(dcp_dir: str | os.PathLike):
+    """The index (``torch.distributed.checkpoint.metadata.Metadata``) of a DCP directory."""
+    index = Path(dcp_dir) / ".metadata"
+    if not index.is_file():
+        raise CheckpointError(f"{index}: missing; the sharded checkpoint is incomplete")
+    with open(index, "rb") as f:
+        return _dcp_metadata_unpickler(f).load()
+
+
+def dcp_reader(path: str | os.PathLike):
+    """A ``torch.distributed.checkpoint`` FileSystemReader whose index is unpickled safely."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    class SafeReader(FileSystemReader):
+        def read_metadata(self, *args, **kwargs):  # the signature changed across torch versions
+            metadata = read_dcp_metadata(self.path)
+            meta = getattr(metadata, "storage_meta", None)
+            if meta is not None and hasattr(self, "load_id"):
+                meta.load_id = self.load_id
+            return metadata
+
+    return SafeReader(str(path))
+
+
+def dcp_load(state: dict, path: str | os.PathLike, **kwargs) -> None:
+    """``torch.distributed.checkpoint.load`` in place into ``state`` through ``dcp_reader``; run on
+    every rank of a process group, or alone without one."""
+    import torch.distributed.checkpoint as dcp
+
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.filterwarnings("ignore", message=".*single process")
+        dcp.load(state, storage_reader=dcp_reader(path), **kwargs)
+
+
+SHARDED_CONFIG = "model_config.json"  # beside dcp/: the model shape, as an HF config.json
+
+
+def load_sharded_model(step_dir: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
+                       device: str | torch.device = "cpu") -> tuple[Transformer, torch.Tensor | None]:
+    """The whole model (and a reward head, if the run trained one) from a full fine-tuning step.
+
+    Every tensor is allocated once at its full size in ``dtype`` and DCP copies each rank's shards
+    into it: host memory is the model in ``dtype`` plus one stored chunk.
+    """
+    step = Path(step_dir)
+    cfg = model_config_from_hf(_read_json(step / SHARDED_CONFIG), source=step / SHARDED_CONFIG)
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    stored = read_dcp_metadata(step / "dcp").state_dict_metadata  # {flattened key: metadata}
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    names = [n for n in model.state_dict() if not (cfg.tie_word_embeddings and n == "lm_head.weight")]
+    want = {f"model.{n}": model.state_dict()[n].shape for n in names}  # Scorer's names: model.<ours>
+    if "model.score.weight" in stored:  # the reward head of a reward-mode run
+        want["score.weight"] = stored["model.score.weight"].size
+    for key, shape in want.items():
+        meta = stored.get(f"model.{key}")
+        if not isinstance(meta, TensorStorageMetadata):
+            raise CheckpointError(f"{step / 'dcp'}: missing tensor {key!r}")
+        if tuple(meta.size) != tuple(shape):
+            raise CheckpointError(f"{step / 'dcp'}: tensor {key!r} has shape {list(meta.size)}, but "
+                                  f"{SHARDED_CONFIG} implies {list(shape)}")
+    state = {"model": {k: torch.empty(shape, dtype=dtype, device=device) for k, shape in want.items()}}
+    dcp_load(state, step / "dcp")
+    weights = {k.removeprefix("model."): v for k, v in state["model"].items() if k.startswith("model.")}
+    if cfg.tie_word_embeddings:
+        weights["lm_head.weight"] = weights["embed_tokens.weight"]
+    model.load_state_dict(weights, strict=True, assign=True)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    return model.eval(), state["model"].get("score.weight")
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading a run back for sampling and evaluation.
+
+
+@dataclass
+class Loaded:
+    """A model ready for sampling or evaluation, and where each part came from."""
+
+    model: torch.nn.Module
+    tokenizer: object  # spl.tokenizer.Tokenizer
+    source: Path  # the directory the weights were read from
+    base: Path | None = None  # the base model under an adapter
+    reward_head: torch.Tensor | None = None  # (1, D) scalar head of a reward model
+    has_adapter: bool = False
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A run directory (``out_dir``) means its latest checkpoint; anything else is taken as given."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path} (train first: torchrun train.py)")
+    pointer = path / "checkpoints" / "latest"
+    if pointer.is_file():
+        step = path / "checkpoints" / pointer.read_text().strip()
+        if not step.is_dir():
+            raise CheckpointError(f"{pointer} names {step.name}, which does not exist")
+        return step
+    return path
+
+
+@dataclass
+class InferenceSource:
+    """What ``load_for_inference`` will read, found from config files alone (no weights)."""
+
+    source: Path  # the resolved checkpoint directory
+    kind: str  # adapter (over ``base``) | sharded (DCP) | merged (a run's model/) | model (HF / original)
+    weights: Path  # the directory whose weights are loaded (the base, for an adapter)
+    config: ModelConfig
+    tokenizer: Path
+    base: Path | None = None
+
+
+def inference_source(path: str | os.PathLike, tokenizer: str | os.PathLike | None = None) -> InferenceSource:
+    """Resolve a run, step or model directory and its tokenizer for inference, reading only config
+    files, so scripts can check prompts and budgets before any weights load."""
+    src = resolve_checkpoint(path)
+    base = None
+    trained = (src / "trainer_state.json").is_file()
+    if trained and (src / "adapter").is_dir():
+        adapter_config = src / "adapter" / "adapter_config.json"
+        base = Path(_read_json(adapter_config).get("base_model_name_or_path") or "")
+        if not (base / "config.json").is_file() and not (base / "params.json").is_file():
+            # A run moved to another machine: look for the base beside the run (the demo's reference).
+            beside = src.parent.parent / "reference"
+            if not (beside / "config.json").is_file():
+                raise CheckpointError(f"{adapter_config}: base model {str(base)!r} not found; copy it back "
+                                      "or pass the base as --checkpoint and the adapter as --adapter")
+            base = beside
+        kind, weights = "adapter", base
+    elif trained and (src / "dcp").is_dir():
+        kind, weights = "sharded", src
+    elif trained and (src / "model").is_dir():  # merged weights: runs written before sharded saves
+        kind, weights = "merged", src / "model"
+    else:
+        kind, weights = "model", src
+    if kind == "sharded":
+        cfg = model_config_from_hf(_read_json(src / SHARDED_CONFIG), source=src / SHARDED_CONFIG)
+    else:
+        _, cfg, _ = _find_files(weights)
+    if tokenizer is not None:  # given: used as given, never replaced by the checkpoint's own
+        tok_path = Path(tokenizer)
+    else:
+        tok_path = next((d / "tokenizer.model" for d in (src, base) if d is not None
+                         and (d / "tokenizer.model").is_file()), src / "tokenizer.model")
+    if not tok_path.is_file():
+        raise CheckpointError(f"tokenizer not found: {tok_path} (pass --tokenizer)")
+    return InferenceSource(src, kind, weights, cfg, tok_path, base)
+
+
+def load_for_inference(path: str | os.PathLike, *, adapter: str | os.PathLike | None = None,
+                       tokenizer: str | os.PathLike | None = None, device: torch.device | str = "cpu",
+                       dtype: torch.dtype = torch.float32) -> Loaded:
+    """Load one of: a run directory or one of its ``step_*`` checkpoints (adapter over its base, or
+    sharded full weights), an HF-layout or original-layout model directory; then an optional extra
+    PEFT-format ``adapter``. The tokenizer is the checkpoint's own ``tokenizer.model`` unless given,
+    and its vocabulary must match the model's."""
+    from spl.lora import load_adapter
+    from spl.tokenizer import Tokenizer
+
+    found = inference_source(path, tokenizer)
+    src, head = found.source, None
+    if found.kind == "sharded":
+        model, head = load_sharded_model(src, dtype=dtype, device=device)
+    else:
+        model, _ = load_model(found.weights, dtype=dtype, device=device)
+    if found.kind == "adapter":
+        load_adapter(model, src / "adapter")
+    if (src / "reward_head.safetensors").is_file():
+        head = load_file(src / "reward_head.safetensors")["weight"]
+    if head is not None:
+        head = head.to(device)
+    if adapter is not None:
+        load_adapter(model, adapter)
+    tok = Tokenizer(found.tokenizer)
+    check_tokenizer_vocab(found.tokenizer, model.cfg.vocab_size, tok.vocab_size)
+    return Loaded(model.eval(), tok, src, found.base, head, found.kind == "adapter" or adapter is not None)

@@ -8,13 +8,21 @@ one to one; ``spl/checkpoint.py`` translates Hugging Face's ``config.json``.
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 import types
 import typing
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 
 import yaml
+
+from spl.chat_templates import CHOICES as CHAT_TEMPLATES
+
+# The losses spl/losses.py implements (kept in step by tests/test_losses.py; importing it would pull
+# torch into every config check) and the logging backends spl/reporting.py drives.
+DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+REPORT_TO = ("tensorboard", "wandb")
 
 
 class ConfigError(ValueError):
@@ -129,13 +137,21 @@ class DataConfig:
     train_path: str | None = None
     eval_path: str | None = None
     format: str = "auto"  # auto | preference | hh | sft
-    chat_template: bool = True  # Mistral [INST] template; the demo's plain prompts set False
+    # auto (read what the checkpoint carries), mistral-v1, mistral-v3, zephyr or none (plain text):
+    # spl/chat_templates.py. A run saves the resolved name; the demo always uses none.
+    chat_template: str = "auto"
     max_len: int = 512  # prompt + response tokens
     max_prompt_len: int = 256  # prompts are cut from the left first, then responses from the right
-    eval_size: int = 0  # >0: hold out this many training records for eval when eval_path is unset
+    # > 0: hold out this many training records (seeded by train.seed) as the eval set; needs no eval_path
+    eval_size: int = 0
 
     def __post_init__(self) -> None:
         _choice("data.format", self.format, ("auto", "preference", "hh", "sft"))
+        _choice("data.chat_template", self.chat_template, CHAT_TEMPLATES)
+        if self.eval_size < 0:
+            raise ConfigError(f"data.eval_size must be >= 0, got {self.eval_size}")
+        if self.eval_size and self.eval_path is not None:
+            raise ConfigError("data.eval_size and data.eval_path both name an eval set; set only one")
         _positive("data.max_len", self.max_len)
         _positive("data.max_prompt_len", self.max_prompt_len)
         if self.max_prompt_len >= self.max_len:
@@ -154,6 +170,9 @@ class TrainConfig:
     mode: str = "spl"  # sft | spl (DPO when alpha == beta) | reward
     alpha: float = 1.0  # SPL entropy weight (paper eq. 5); alpha/beta is the global temperature
     beta: float = 0.1  # SPL cross-entropy weight toward the reference
+    # reverse_kl: SPL (above). Any other is f-DPO (App. B baseline, spl/losses.py), alpha == beta.
+    divergence: str = "reverse_kl"  # reverse_kl | forward_kl | js_divergence | alpha_divergence
+    divergence_alpha: float = 0.5  # alpha_divergence's a: 0 reverse KL ... 1 forward KL (TRL's coef is 1 - a)
     lr: float = 1e-3
     weight_decay: float = 0.0
     warmup_steps: int = 20
@@ -161,7 +180,9 @@ class TrainConfig:
     schedule: str = "cosine"  # cosine | linear | constant, after linear warmup
     min_lr_ratio: float = 0.1  # decay floor as a fraction of lr
     batch_size: int = 64  # pairs (or sequences) per optimizer step, over all ranks
-    micro_batch_size: int = 64  # pairs per forward on each rank; accumulation makes up the rest
+    # Pairs per forward on each rank; accumulation makes up the rest. "auto": the whole per-rank
+    # share (batch_size / ranks) in one forward; an integer must divide that share (bounds memory).
+    micro_batch_size: int | str = "auto"
     grad_clip: float = 1.0  # max global grad norm; 0 disables
     seed: int = 0
     precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU; or fp32 / bf16
@@ -174,9 +195,13 @@ class TrainConfig:
     keep_checkpoints: int = 2
     out_dir: str = "runs/demo"
     resume: bool = False  # continue from out_dir's latest checkpoint
+    overwrite: bool = False  # start afresh in an out_dir that already holds a run (deletes its checkpoints)
+    report_to: list[str] = field(default_factory=list)  # also log to: tensorboard, wandb (spl/reporting.py)
 
     def __post_init__(self) -> None:
         _choice("train.mode", self.mode, ("sft", "spl", "reward"))
+        self._check_divergence()
+        self._check_report_to()
         _choice("train.schedule", self.schedule, ("cosine", "linear", "constant"))
         _choice("train.precision", self.precision, ("auto", "fp32", "bf16"))
         _choice("train.logprob_impl", self.logprob_impl, ("auto", "plain", "chunked", "triton"))
@@ -184,13 +209,47 @@ class TrainConfig:
         if not self.beta >= 0:
             raise ConfigError(f"train.beta must be >= 0, got {self.beta}")
         _positive("train.lr", self.lr)
-        for name in ("max_steps", "batch_size", "micro_batch_size", "log_every", "eval_every",
-                     "save_every", "keep_checkpoints"):
+        for name in ("max_steps", "batch_size", "log_every", "eval_every", "save_every", "keep_checkpoints"):
             _positive(f"train.{name}", getattr(self, name))
+        if self.micro_batch_size != "auto":
+            if isinstance(self.micro_batch_size, str):
+                raise ConfigError(f"train.micro_batch_size must be 'auto' or a positive integer, got "
+                                  f"{self.micro_batch_size!r}")
+            _positive("train.micro_batch_size", self.micro_batch_size)
+        if self.resume and self.overwrite:
+            raise ConfigError("train.resume and train.overwrite contradict each other; set one")
         if self.warmup_steps < 0 or self.weight_decay < 0 or self.grad_clip < 0:
             raise ConfigError("train.warmup_steps, train.weight_decay and train.grad_clip must be >= 0")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError(f"train.min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio}")
+
+    def _check_divergence(self) -> None:
+        _choice("train.divergence", self.divergence, DIVERGENCES)
+        if not 0 <= self.divergence_alpha <= 1:
+            raise ConfigError(f"train.divergence_alpha must lie in [0, 1] (0: reverse KL, 1: forward KL), "
+                              f"got {self.divergence_alpha}")
+        if self.divergence == "reverse_kl":
+            return
+        if self.mode != "spl":
+            raise ConfigError(f"train.divergence={self.divergence} is a preference loss (f-DPO); "
+                              f"train.mode={self.mode} has none, so leave train.divergence=reverse_kl")
+        if self.alpha != self.beta:
+            # SPL splits the reverse KL into entropy (alpha) and cross-entropy (beta); an f-divergence
+            # has no such split, so f-DPO has one weight. Refuse rather than ignore alpha.
+            raise ConfigError(f"train.divergence={self.divergence} is f-DPO, whose only weight is "
+                              f"train.beta; set train.alpha equal to train.beta (got alpha={self.alpha}, "
+                              f"beta={self.beta}). SPL's separate alpha needs train.divergence=reverse_kl")
+
+    def _check_report_to(self) -> None:
+        for name in self.report_to:
+            _choice("train.report_to entry", name, REPORT_TO)
+        if len(set(self.report_to)) != len(self.report_to):
+            raise ConfigError(f"train.report_to lists a backend twice: {self.report_to}")
+        # Checked here, before any weights load; the package is imported only when the run starts.
+        missing = [name for name in self.report_to if importlib.util.find_spec(name) is None]
+        if missing:
+            raise ConfigError(f"train.report_to={self.report_to}: {', '.join(missing)} not installed; "
+                              f"pip install {' '.join(missing)}, or remove it from train.report_to")
 
 
 @dataclass
@@ -220,14 +279,17 @@ def _choice(name: str, value, options: tuple) -> None:
 def _check_type(name: str, value, annotation):
     """Coerce ``value`` to a dataclass field's annotation (int -> float is allowed) or raise."""
     hint = typing.get_type_hints(annotation[0], globalns=vars(sys.modules[__name__]))[annotation[1]]
-    args = typing.get_args(hint)
+    union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    args = typing.get_args(hint) if union else ()  # list[str]'s args are its items' type, not choices
     optional = type(None) in args
-    base = next((a for a in args if a is not type(None)), hint) if args and (
-        typing.get_origin(hint) in (typing.Union, types.UnionType)) else hint
+    base = next((a for a in args if a is not type(None)), hint) if args else hint
     if value is None:
         if optional:
             return None
         raise ConfigError(f"{name} may not be null")
+    others = [a for a in args if a not in (type(None), base)]
+    if others and isinstance(value, tuple(others)):  # int | str: "auto" or a count
+        return value
     if typing.get_origin(base) is list:
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise ConfigError(f"{name} must be a list of strings, got {value!r}")
@@ -256,7 +318,7 @@ def _build(cls, values: dict, prefix: str):
             continue
         value = values[name]
         sub = f.default_factory if f.default_factory is not MISSING else None
-        if sub is not None and isinstance(sub, type):  # a nested section
+        if sub is not None and is_dataclass(sub):  # a nested section (not a list default)
             if not isinstance(value, dict):
                 raise ConfigError(f"{prefix}{name} must be a mapping, got {value!r}")
             kwargs[name] = _build(sub, value, f"{prefix}{name}.")

@@ -6,7 +6,7 @@ PreferenceDataset / SFTDataset → BatchIterator (seeded shuffle, rank slicing, 
 
 Record formats, one JSON object per line:
   preference  {"prompt": str | messages, "chosen": R, "rejected": R}, where R is a response string,
-              a list of assistant messages (merged with "\\n\\n", as the chat template merges them),
+              a list of assistant messages (merged with "\\n\\n", as the Mistral templates merge them),
               or a full conversation [*prompt, assistant] (UltraFeedback). "prompt" may be left out
               when the sides are full conversations: the prompt is then everything before the final
               assistant message, and both sides must agree on it.
@@ -19,10 +19,11 @@ Record formats, one JSON object per line:
               {"messages": [...]}: loss on EVERY assistant turn (each is a demonstration, as in
               UltraChat SFT), the user and system turns being context.
 
-Tokens: with chat_template=True the Mistral instruct template (spl/tokenizer.py) encodes the prompt
-and the response; with False (plain-string prompts, the tiny CPU demo) prompt = bos + encode(prompt)
-and response = encode(response) + eos. When prompt + longest response exceeds max_len, the prompt
-keeps its LAST max_prompt_len tokens (bos kept in front), then responses are cut from the right.
+Tokens: the tokenizer's chat template (spl/chat_templates.py: mistral-v1, mistral-v3, zephyr) encodes
+the prompt and the response; with the "none" template (plain-string prompts: base models, the tiny
+CPU demo) prompt = bos + encode(prompt) and response = encode(response) + eos. When prompt + longest
+response exceeds max_len, the prompt keeps its LAST max_prompt_len tokens (bos kept in front), then
+responses are cut from the right.
 
 Batch contract (collate_preference / collate_sft; the trainer relies on exactly this):
   input_ids   (N, T) long  prompt + response, right-padded with pad_id; for preference batches N = 2B
@@ -30,7 +31,9 @@ Batch contract (collate_preference / collate_sft; the trainer relies on exactly 
   targets     (N, T) long  targets[:, t] = input_ids[:, t + 1]; the last column is pad
   loss_mask   (N, T) bool  aligned with targets: True exactly where targets[:, t] is a response token
   last_index  (N,)   long  position of each row's last real token (the reward model's scalar head)
-  index       (B,)   long  dataset positions of the batch's items (added by BatchIterator only)
+  index       (B,)   long  dataset positions of the batch's items (added by dataset.collate)
+  ref_logps   (N,)   float reference log-probs of each row, when the dataset carries them
+                           (``dataset.ref_logps``, one (chosen, rejected) row per item)
 T is the longest full sequence, rounded up to pad_to_multiple_of: the last target column is therefore
 always padding, a column wasted so that one tensor serves the policy, the reference and the reward
 model (whose head reads the final token as an input).
@@ -42,6 +45,7 @@ import hashlib
 import json
 import os
 import re
+import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +60,10 @@ HH_MARKER = "\n\nAssistant:"
 HH_TURN = re.compile(r"\n\n(Human|Assistant):")  # only "\n\n"-led markers: idx 355 has a bare "Human:"
 HH_ROLES = {"Human": "user", "Assistant": "assistant"}
 Source = str | Path | Iterable[dict]  # a JSONL path, or records already in memory
+# One JSONL record may hold at most this many bytes (4 MiB): ~7x a preference record filling a
+# 32k-token context with every character \u-escaped (~9 bytes a token, two sides), yet a runaway
+# line is refused before it costs seconds and hundreds of MB to parse and tokenize.
+MAX_LINE_BYTES = 4 * 2**20
 
 
 class Where(NamedTuple):
@@ -78,7 +86,7 @@ class PreferenceText:
     """A parsed preference record, before tokenization."""
 
     prompt: list[Message]  # conversation ending in a user turn
-    prompt_text: str | None  # the prompt as one raw string, when the source has one (chat_template=False)
+    prompt_text: str | None  # the prompt as one raw string, when the source has one (template "none")
     chosen: str
     rejected: str
 
@@ -108,17 +116,37 @@ class SFTExample:
 
 # ---------------------------------------------------------------------------------------- reading
 
-def read_jsonl(path: str | Path) -> Iterator[tuple[dict, Where]]:
-    """Yield (record, where) for each non-blank line; invalid JSON or a non-object is a DataError."""
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
+def read_jsonl(path: str | Path, max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[tuple[dict, Where]]:
+    """Yield (record, where) for each non-blank line; a line that is not UTF-8, not a JSON object,
+    nested past the parser's depth or longer than ``max_line_bytes`` is a DataError naming it.
+
+    Lines are read as bytes and at most ``max_line_bytes`` at a time, so one runaway line (a file
+    missing its newlines, a dumped blob) costs that cap, not its size, before it is refused; a line
+    is decoded on its own, so a stray non-UTF-8 byte names its line instead of ending the read.
+    """
+    with open(path, "rb") as f:
+        line_no = 0
+        # + 2: a line at the cap is read whole with its "\r\n", and a longer one shows as longer.
+        while raw := f.readline(max_line_bytes + 2):
+            line_no += 1
+            where = Where(str(path), line_no)
+            if len(raw.rstrip(b"\r\n")) > max_line_bytes:
+                raise DataError(where, "<line>", f"longer than the {max_line_bytes:,}-byte cap on one record "
+                                "(spl.data.MAX_LINE_BYTES); not read further: shorten or drop it")
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(where, "<utf-8>", f"byte 0x{raw[err.start]:02x} at byte {err.start + 1} of "
+                                "the line is not valid UTF-8; save the file as UTF-8") from None
             if not line.strip():
                 continue
-            where = Where(str(path), line_no)
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
                 raise DataError(where, "<json>", f"invalid JSON ({err})") from None
+            except RecursionError:  # json's C scanner recurses once per level of [ or {
+                raise DataError(where, "<json>", "JSON nested too deeply to parse (about "
+                                f"{sys.getrecursionlimit()} levels or more)") from None
             yield _check_object(record, where), where
 
 
@@ -352,69 +380,75 @@ def truncate(prompt: list[int], responses: list[list[int]], *, max_len: int, max
     return prompt, responses, prompt_cut, response_cut
 
 
-def _encode_pair(text: PreferenceText, tok: Tokenizer, chat_template: bool,
+def _plain(tok: Tokenizer) -> bool:
+    """Whether the tokenizer's template is plain text ("none"), which reads the raw prompt string."""
+    if tok.chat_template is None:
+        raise ValueError(f"tokenizer {tok.path} has no chat template (set data.chat_template)")
+    return tok.chat_template.single_exchange
+
+
+def _encode_pair(text: PreferenceText, tok: Tokenizer,
                  where: Where) -> tuple[list[int], list[int], list[int]]:
-    if not chat_template:
+    prompt = text.prompt
+    if _plain(tok):
         if text.prompt_text is None:
-            raise DataError(where, "prompt", "chat_template=False needs a plain-string prompt, got messages")
-        return (tok.encode(text.prompt_text, bos=True), tok.encode(text.chosen, eos=True),
-                tok.encode(text.rejected, eos=True))
+            raise DataError(where, "prompt", "chat template 'none' needs a plain-string prompt, got messages")
+        prompt = [{"role": "user", "content": text.prompt_text}]
     try:
-        # Turns are encoded separately, so the prompt ids are the same for both sides.
-        prompt, chosen = tok.encode_prompt_response([*text.prompt, _assistant(text.chosen)])
-        _, rejected = tok.encode_prompt_response([*text.prompt, _assistant(text.rejected)])
+        # Both sides give the same prompt ids: a response always starts on a token boundary.
+        prompt_ids, chosen = tok.encode_prompt_response([*prompt, _assistant(text.chosen)])
+        _, rejected = tok.encode_prompt_response([*prompt, _assistant(text.rejected)])
     except ValueError as err:
         raise DataError(where, "prompt", str(err)) from err
-    return prompt, chosen, rejected
+    return prompt_ids, chosen, rejected
 
 
-def _encode_sft(text: SFTText, tok: Tokenizer, chat_template: bool,
-                where: Where) -> tuple[list[int], list[bool]]:
+def _encode_sft(text: SFTText, tok: Tokenizer, where: Where) -> tuple[list[int], list[bool]]:
     """→ (input_ids, response_mask aligned with input_ids)."""
     if text.text is not None:
         ids = tok.encode(text.text, bos=True, eos=True)
         return ids, [False] + [True] * (len(ids) - 1)  # bos is never a target
     messages = text.messages
-    if not chat_template:
+    if _plain(tok):
         if text.prompt_text is None:
-            raise DataError(where, "messages", "chat_template=False needs {'prompt': str, 'response': str}")
-        prompt = tok.encode(text.prompt_text, bos=True)
-        response = tok.encode(messages[-1]["content"], eos=True)
-        return prompt + response, [False] * len(prompt) + [True] * len(response)
-    # Train on every assistant turn at or after first_trained; a run of consecutive assistant
-    # messages is one merged turn, marked once at its last message.
-    ends = [j for j in range(text.first_trained, len(messages)) if messages[j]["role"] == "assistant"
-            and (j + 1 == len(messages) or messages[j + 1]["role"] != "assistant")]
+            raise DataError(where, "messages", "chat template 'none' needs {'prompt': str, 'response': str}")
+        messages = [{"role": "user", "content": text.prompt_text}, messages[-1]]
     try:
-        ids = tok.encode_chat(messages)
-        spans = [tok.encode_prompt_response(messages[:j + 1]) for j in ends]
+        ids, responses = tok.encode_chat_responses(messages)
     except ValueError as err:
         raise DataError(where, "messages", str(err)) from err
+    # Train on every assistant turn whose last message is at or after first_trained (a prompt's
+    # own assistant turns are context). The spans come from one encoding of the whole conversation,
+    # so a template that moves the system prompt (mistral-v3: to the last user turn) is honoured.
     mask = [False] * len(ids)
-    for prompt, response in spans:
-        end = len(prompt) + len(response)
-        # A system message after the first assistant turn would re-encode the first user turn.
-        if prompt + response != ids[:end]:
-            raise DataError(where, "messages", "a prefix of the conversation does not encode as a prefix "
-                            "of the whole (a system message after an assistant turn?)")
-        mask[len(prompt):end] = [True] * len(response)
+    for start, end, index in responses:
+        if index >= text.first_trained:
+            mask[start:end] = [True] * (end - start)
     return ids, mask
 
 
 # --------------------------------------------------------------------------------------- datasets
 
 class _TokenizedDataset(list):
-    """A list of examples, plus the loader's `stats` (read, kept, skipped, truncated) and `pad_id`."""
+    """A list of examples, plus the loader's `stats` (read, kept, skipped, truncated) and `pad_id`.
+
+    `ref_logps` (N, 2), when set, is a column of per-item reference log-probs (chosen, rejected):
+    collate hands each batch its own rows of it, so they cannot be paired with other items.
+    """
 
     def __init__(self, items: Iterable, stats: dict[str, int], pad_id: int) -> None:
         super().__init__(items)
         self.stats, self.pad_id = stats, pad_id
+        self.ref_logps: torch.Tensor | None = None
 
     def collate(self, indices: list[int], pad_to_multiple_of: int = 1) -> dict:
-        """The batch dict for items at `indices`, with "index" (B,) naming them (for caches)."""
+        """The batch dict for items at `indices`, with "index" (B,) naming them."""
         collate = collate_preference if isinstance(self, PreferenceDataset) else collate_sft
         batch = collate([self[i] for i in indices], self.pad_id, pad_to_multiple_of)
         batch["index"] = torch.tensor(indices, dtype=torch.long)  # (B,)
+        if self.ref_logps is not None:
+            rows = self.ref_logps[batch["index"]]  # (B, 2)
+            batch["ref_logps"] = torch.cat([rows[:, 0], rows[:, 1]])  # (2B,) chosen rows, then rejected
         return batch
 
     def fingerprint(self) -> str:
@@ -431,7 +465,7 @@ class PreferenceDataset(_TokenizedDataset):
 
     @classmethod
     def from_records(cls, records: Source, tokenizer: Tokenizer, *, max_len: int, max_prompt_len: int,
-                     chat_template: bool = True, format: str = "auto") -> PreferenceDataset:
+                     format: str = "auto") -> PreferenceDataset:
         """Tokenize records (dicts in memory, or a JSONL path): the one code path for every source."""
         _check_lengths(max_len, max_prompt_len)
         pairs, stats = [], _new_stats()
@@ -441,7 +475,7 @@ class PreferenceDataset(_TokenizedDataset):
             if not text.chosen.strip() or not text.rejected.strip():
                 stats["skipped_empty"] += 1
                 continue
-            prompt, chosen, rejected = _encode_pair(text, tokenizer, chat_template, where)
+            prompt, chosen, rejected = _encode_pair(text, tokenizer, where)
             prompt, (chosen, rejected), prompt_cut, response_cut = truncate(
                 prompt, [chosen, rejected], max_len=max_len, max_prompt_len=max_prompt_len,
                 bos_id=tokenizer.bos_id)
@@ -461,7 +495,7 @@ class SFTDataset(_TokenizedDataset):
 
     @classmethod
     def from_records(cls, records: Source, tokenizer: Tokenizer, *, max_len: int, max_prompt_len: int,
-                     chat_template: bool = True, format: str = "auto") -> SFTDataset:
+                     format: str = "auto") -> SFTDataset:
         _check_lengths(max_len, max_prompt_len)
         examples, stats = [], _new_stats()
         for text, where in read_sft(records, format):
@@ -470,7 +504,7 @@ class SFTDataset(_TokenizedDataset):
             if not last.strip():
                 stats["skipped_empty"] += 1
                 continue
-            ids, mask = _encode_sft(text, tokenizer, chat_template, where)
+            ids, mask = _encode_sft(text, tokenizer, where)
             # The "prompt" for truncation is everything before the first trained token.
             first = mask.index(True)
             prompt, (response,), prompt_cut, response_cut = truncate(
@@ -485,16 +519,15 @@ class SFTDataset(_TokenizedDataset):
 
 
 def load_preference_data(path: str | Path, tokenizer: Tokenizer, *, max_len: int, max_prompt_len: int,
-                         chat_template: bool = True, format: str = "auto") -> PreferenceDataset:
+                         format: str = "auto") -> PreferenceDataset:
     return PreferenceDataset.from_records(Path(path), tokenizer, max_len=max_len,
-                                          max_prompt_len=max_prompt_len, chat_template=chat_template,
-                                          format=format)
+                                          max_prompt_len=max_prompt_len, format=format)
 
 
 def load_sft_data(path: str | Path, tokenizer: Tokenizer, *, max_len: int, max_prompt_len: int,
-                  chat_template: bool = True, format: str = "auto") -> SFTDataset:
+                  format: str = "auto") -> SFTDataset:
     return SFTDataset.from_records(Path(path), tokenizer, max_len=max_len, max_prompt_len=max_prompt_len,
-                                   chat_template=chat_template, format=format)
+                                   format=format)
 
 
 # -------------------------------------------------------------------------------------- collation
@@ -590,14 +623,19 @@ class BatchIterator:
     def _batch(self, epoch: int, index: int) -> dict:
         return self.dataset.collate(self.batch_indices(epoch, index), self.pad_to_multiple_of)
 
-    def __iter__(self) -> Iterator[dict]:
-        """Batches forever, from the saved position on, across epochs."""
+    def indices(self) -> Iterator[list[int]]:
+        """This rank's dataset positions of each batch, forever, from the saved position on."""
         while True:
             if self._index >= len(self):
                 self._epoch, self._index = self._epoch + 1, 0
             # Advance before yielding, so state_dict() taken after a batch names the next one.
             self._index += 1
-            yield self._batch(self._epoch, self._index - 1)
+            yield self.batch_indices(self._epoch, self._index - 1)
+
+    def __iter__(self) -> Iterator[dict]:
+        """Batches forever, from the saved position on, across epochs."""
+        for indices in self.indices():
+            yield self.dataset.collate(indices, self.pad_to_multiple_of)
 
     def epoch(self, epoch: int) -> Iterator[dict]:
         """The batches of one epoch, once (evaluation); the training position is left alone."""

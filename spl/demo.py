@@ -118,6 +118,12 @@ def train_tokenizer(path: Path, questions: list[SurveyQuestion]) -> None:
         raise RuntimeError(f"tokenizer {path}: {bad[:5]} are not single pieces")
 
 
+def train_demo_tokenizer(path: Path) -> None:
+    """The default demo's tokenizer (``train_tokenizer`` over ``demo_questions()``): a small real
+    SentencePiece model that tests use too."""
+    train_tokenizer(path, demo_questions())
+
+
 def reference_records(questions: list[SurveyQuestion], copies: int, seed: int) -> list[dict]:
     """SFT records: every option of every question ``copies`` times (a uniform reference policy)."""
     records = [{"prompt": q.prompt(), "response": answer_text(letter)}
@@ -380,21 +386,24 @@ def fit_reference(cfg: Config, env, questions: list[SurveyQuestion], ref_dir: Pa
     work = ref_dir.parent / (ref_dir.name + "_run")
     tok_path = work / "tokenizer.model"
     train_tokenizer(tok_path, questions)
-    tok = Tokenizer(tok_path)
+    tok = Tokenizer(tok_path, "none")
     torch.manual_seed(cfg.train.seed)
     model = Transformer(model_cfg_for(tok.vocab_size)).to(env.device)
     sft_cfg = replace(cfg, lora=replace(cfg.lora, enabled=False),
                       train=replace(cfg.train, mode="sft", lr=lr, max_steps=steps, warmup_steps=10,
                                     batch_size=batch_size, micro_batch_size=batch_size, min_lr_ratio=0.01,
-                                    out_dir=str(work), resume=False, ref_cache=None, eval_every=10**9,
-                                    save_every=10**9))
-    data_kw = dict(max_len=cfg.data.max_len, max_prompt_len=cfg.data.max_prompt_len, chat_template=False)
+                                    out_dir=str(work), resume=False, overwrite=True, ref_cache=None,
+                                    eval_every=10**9, save_every=10**9, report_to=[]))
+    data_kw = dict(max_len=cfg.data.max_len, max_prompt_len=cfg.data.max_prompt_len)
     sft = SFTDataset.from_records(reference_records(questions, copies, cfg.train.seed), tok, **data_kw)
     print0(env, f"stage 1/2: fitting the reference policy ({len(sft)} answers, uniform over each "
                 f"question's options, {steps} steps)")
     Trainer(sft_cfg, DistEnv(device=env.device), model, sft, tokenizer_path=str(tok_path)).train()
     save_model(model, model.cfg, ref_dir, overwrite=True)
     (ref_dir / "tokenizer.model").write_bytes(tok_path.read_bytes())
+    # The config that fitted it says how it reads prompts (chat template "none") to sample.py and
+    # evaluate.py, which are pointed at this directory too (base model, difficulty source).
+    (ref_dir / "config.yaml").write_text(sft_cfg.to_yaml())
 
 
 def write_questions(path: Path, questions: list[SurveyQuestion]) -> None:
@@ -430,8 +439,16 @@ def run_demo(cfg: Config, env) -> dict:
     from spl.checkpoint import load_model
     from spl.lora import apply_lora
     from spl.tokenizer import Tokenizer
-    from spl.trainer import Trainer, print0
+    from spl.trainer import Trainer, TrainingError, print0
 
+    if cfg.train.divergence != "reverse_kl":  # the table compares with SPL's theory, not f-DPO's
+        raise TrainingError(f"the embedded demo trains SPL/DPO only; train.divergence={cfg.train.divergence} "
+                            "(f-DPO) needs data.train_path")
+    # The demo's prompts are plain text; saved so that sample.py and evaluate.py pose them the same way.
+    if cfg.data.chat_template not in ("auto", "none"):
+        raise TrainingError("the embedded demo trains on plain text: data.chat_template must be auto or "
+                            f"none, got {cfg.data.chat_template!r}")
+    cfg.data.chat_template = "none"
     out = Path(cfg.train.out_dir)
     ref_dir = out / "reference"
     questions = demo_questions()
@@ -440,7 +457,7 @@ def run_demo(cfg: Config, env) -> dict:
                       steps=REFERENCE_STEPS, copies=REFERENCE_COPIES)
     _barrier(env)
     tok_path = ref_dir / "tokenizer.model"
-    tok = Tokenizer(tok_path)
+    tok = Tokenizer(tok_path, "none")
     model, _ = load_model(ref_dir, device=env.device)
     ref_dists = answer_distributions(model, tok, questions)
     # Stage 2: SPL with LoRA; the reference is the same weights with adapters disabled.

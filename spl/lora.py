@@ -13,6 +13,11 @@ so plain checkpoints load unchanged (load the base first, then ``apply_lora``; o
 ``strict=False``). On disk adapters use PEFT's format, so ``PeftModel.from_pretrained`` reads ours
 and ``load_adapter`` reads PEFT's: ``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight``.
 
+The output projection ``lm_head`` is never wrapped: every log-prob path (``spl/logprobs.py``:
+training, scoring, the reference pass) reads ``lm_head.weight`` directly to fuse it with the
+log-softmax, so an adapter there would train nothing and score differently from sampling, which
+calls the module. ``apply_lora`` and ``load_adapter`` refuse it with a clear error.
+
 Dtypes: ``lora_a``/``lora_b`` are kept in fp32 whatever the base dtype (as PEFT's
 ``autocast_adapter_dtype``), so AdamW updates of small adapters are not lost to bf16 rounding; the
 branch itself is computed in the input's dtype. Merging adds ``scale * B @ A`` in fp32 and rounds
@@ -36,6 +41,9 @@ from torch import nn
 from spl.checkpoint import atomic_save_file, atomic_write_text
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+OUTPUT_HEAD = "lm_head"  # refused as a target (module docstring)
+HEAD_REFUSED = ("LoRA on lm_head is not supported: the log-prob paths read lm_head.weight directly "
+                "(spl/logprobs.py), so its adapter would be ignored in training and scoring")
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."  # PeftModel -> LoraModel -> MistralForCausalLM
 # PEFT options that change the forward pass; we implement only their defaults and refuse the rest.
@@ -112,8 +120,7 @@ def apply_lora(model: nn.Module, rank: int = 16, alpha: float = 16, dropout: flo
                targets: Sequence[str] = DEFAULT_TARGETS) -> list[str]:
     """Wrap every ``nn.Linear`` whose name ends in one of ``targets``; freeze all other parameters.
 
-    ``lm_head`` is wrapped only when named (note that the fused log-prob path reads
-    ``lm_head.weight`` directly and would bypass its adapter). Returns the wrapped module names.
+    Returns the wrapped module names. ``lm_head`` is refused (module docstring).
     """
     if lora_modules(model):
         raise ValueError("model already has LoRA adapters; apply_lora must be called once")
@@ -121,6 +128,8 @@ def apply_lora(model: nn.Module, rank: int = 16, alpha: float = 16, dropout: flo
         targets = (targets,)  # a bare string would otherwise be iterated character by character
     linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     replaced = [n for n in linears if any(_matches(n, t) for t in targets)]
+    if OUTPUT_HEAD in replaced:
+        raise ValueError(f"{HEAD_REFUSED}; remove it from the LoRA targets")
     unmatched = [t for t in targets if not any(_matches(n, t) for n in linears)]
     if unmatched:
         raise ValueError(f"LoRA targets {unmatched} match no nn.Linear module; "
@@ -253,6 +262,8 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> list[str]:
     found: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in load_file(weights_path).items():
         hf_name, _, kind = key.removeprefix(PEFT_PREFIX).rpartition(".lora_")
+        if key.removeprefix(PEFT_PREFIX).startswith(OUTPUT_HEAD + "."):  # PEFT also saves its base_layer
+            raise ValueError(f"{weights_path}: has an adapter on {OUTPUT_HEAD}. {HEAD_REFUSED}")
         if not key.startswith(PEFT_PREFIX) or kind not in ("A.weight", "B.weight"):
             raise ValueError(f"{weights_path}: unexpected tensor {key!r} (want "
                              f"'{PEFT_PREFIX}<module>.lora_A.weight' / '.lora_B.weight')")

@@ -135,6 +135,22 @@ def attention_mask(q_times: torch.Tensor, k_times: torch.Tensor, pad: torch.Tens
     return allowed
 
 
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Softmax attention of q (B, H, T, Dh) over k, v (B, Hkv, S, Dh) -> (B, H, T, Dh); causal if no mask.
+
+    Without a mask, ``enable_gqa`` shares each key/value head among H / Hkv query heads without
+    copying it, on SDPA's flash kernel. With a mask (padding, KV-cache decode, sliding window) SDPA
+    has no fused kernel that also shares heads: on a GPU it falls back to its math kernel, which
+    copies the heads anyway and materializes the (B, H, T, S) scores. Expanding K and V here
+    instead costs the same copy and keeps the memory-efficient kernel, which takes a mask.
+    """
+    groups = q.shape[1] // k.shape[1]
+    if mask is not None and groups > 1:
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # (B, H, S, Dh)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                          enable_gqa=mask is None and groups > 1)  # (B, H, T, Dh)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -152,10 +168,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, Hkv, S, Dh)
-        # enable_gqa shares each key/value head among H / Hkv query heads without copying it.
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                           enable_gqa=self.n_heads != self.n_kv_heads)  # (B, H, T, Dh)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, D)
+        return self.o_proj(attend(q, k, v, mask).transpose(1, 2).reshape(B, T, -1))  # (B, T, D)
 
 
 class MLP(nn.Module):

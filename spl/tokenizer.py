@@ -1,48 +1,41 @@
-"""SentencePiece tokenizer and the Mistral instruct chat template (v1: Mistral-7B-Instruct v0.1/v0.2).
+"""SentencePiece tokenizer, with the chat template its checkpoint was trained with.
 
-The template, token for token as mistral-common 1.13 encodes it for the v1 tokenizer:
-
-    <s>[INST] {system}\\n\\n{user_1} [/INST]{assistant_1}</s>[INST] {user_2} [/INST]{assistant_2}</s>...
-
-- One bos, at the start. Each user turn is the single string f"[INST] {content} [/INST]" encoded in
-  one call, so SentencePiece's dummy-prefix space puts a "▁" before "[INST]". "[INST]" is plain
-  text in v1 (not a control token): the same words typed by a user encode to the same ids.
-- Each assistant turn is encoded on its own (so it too starts with a dummy-prefix "▁") and is
-  followed by eos.
-- All system messages, wherever they appear, are joined with "\\n\\n" and prepended to the FIRST
-  user turn. (Older mistral-common releases used the last user turn; we match the installed oracle.)
-- Consecutive messages of one role are merged with "\\n\\n" (empty ones skipped), as mistral-common
-  does; a system message between two user messages therefore leaves two separate user turns.
+The templates themselves (Mistral v1 and v3, Zephyr, plain text) are data in spl/chat_templates.py,
+each proven against its oracle; a Tokenizer carries the one chosen for its checkpoint, checked
+against its control pieces when it is set.
 
 Public API (messages are [{"role": "user" | "assistant" | "system", "content": str}, ...]):
-    Tokenizer(path)                          SentencePiece model file → tokenizer
+    Tokenizer(path, chat_template=None)      SentencePiece model file → tokenizer; the template is a
+                                             name from spl.chat_templates.TEMPLATES (resolve "auto"
+                                             with spl.chat_templates.resolve_chat_template)
+      .chat_template                         the ChatTemplate in use (settable by name), or None
       .encode(text, bos=False, eos=False)    text → ids
       .decode(ids)                           ids → text
       .vocab_size .bos_id .eos_id .pad_id    ids for batching
+      .control_id(piece)                     id of a control piece ("[INST]" in v3 files), or None
       .encode_chat(messages)                 any conversation → ids
       .encode_prompt(messages)               conversation ending in a user turn → ids to generate from
+                                             (with the template's answer cue, e.g. "<|assistant|>\n")
       .encode_prompt_response(messages)      conversation ending in an assistant turn →
                                              (prompt_ids, response_ids), response ending with eos;
                                              prompt_ids + response_ids == encode_chat(messages)
+      .encode_chat_responses(messages)       (ids, [(start, end, message index) per assistant turn])
 (Whether a tokenizer fits a model is checked by spl.checkpoint.check_tokenizer_vocab.)
-
-There is no `add_generation_prompt`: in this format a conversation ending in a user turn already ends
-with "[/INST]", which is exactly where the model starts its answer.
 """
 
-from itertools import groupby
 from pathlib import Path
 
 import sentencepiece as spm
 
-Message = dict[str, str]
-ROLES = ("user", "assistant", "system")
+from spl.chat_templates import ROLES, ChatTemplate, Message, check_fits, encode_conversation, get_template
+
+__all__ = ["ROLES", "Message", "Tokenizer"]
 
 
 class Tokenizer:
-    """Thin wrapper over a SentencePiece model, plus the Mistral v1 chat template."""
+    """Thin wrapper over a SentencePiece model, plus the chat template of its checkpoint."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, chat_template: str | None = None) -> None:
         self.path = Path(path)
         # SentencePiece's own errors are terse ("could not parse ModelProto"); name the file instead.
         if not self.path.is_file():
@@ -51,6 +44,19 @@ class Tokenizer:
             self._sp = spm.SentencePieceProcessor(model_file=str(self.path))
         except (RuntimeError, OSError) as err:
             raise ValueError(f"{self.path} is not a SentencePiece model ({err})") from err
+        self._template: ChatTemplate | None = None
+        if chat_template is not None:
+            self.chat_template = chat_template
+
+    @property
+    def chat_template(self) -> ChatTemplate | None:
+        return self._template
+
+    @chat_template.setter
+    def chat_template(self, name: str) -> None:
+        template = get_template(name)
+        check_fits(template, self)  # e.g. mistral-v1 on a v3 file, whose [INST] is a control token
+        self._template = template
 
     @property
     def vocab_size(self) -> int:
@@ -82,6 +88,11 @@ class Tokenizer:
             ids = [*ids, self.eos_id]
         return ids
 
+    def control_id(self, piece: str) -> int | None:
+        """The id of control piece ``piece`` (bos, eos, v3's "[INST]"), or None when it is not one."""
+        i = self._sp.piece_to_id(piece)  # unknown pieces map to unk, which is not a control piece
+        return i if self._sp.is_control(i) and self._sp.id_to_piece(i) == piece else None
+
     def decode(self, ids: list[int]) -> str:
         # Control ids (bos/eos) decode to ""; strip padding with the mask first, since pad (unk)
         # decodes to " ⁇ ".
@@ -89,57 +100,32 @@ class Tokenizer:
         return self._sp.decode([int(i) for i in ids])
 
     def encode_chat(self, messages: list[Message]) -> list[int]:
-        return [tok for turn in self._encode_turns(messages)[0] for tok in turn]
+        return self._encode(messages).ids
 
     def encode_prompt(self, messages: list[Message]) -> list[int]:
-        turns, last_role = self._encode_turns(messages)
-        if last_role != "user":
-            raise ValueError(f"a prompt must end with a user turn, got a final {last_role!r} turn")
-        return [tok for turn in turns for tok in turn]
+        encoded = self._encode(messages, generation_prompt=True)
+        if encoded.last_role != "user":
+            raise ValueError(f"a prompt must end with a user turn, got a final {encoded.last_role!r} turn")
+        return encoded.ids
 
     def encode_prompt_response(self, messages: list[Message]) -> tuple[list[int], list[int]]:
-        turns, last_role = self._encode_turns(messages)
-        if last_role != "assistant":
-            raise ValueError(f"a response must be the final assistant turn, got a final {last_role!r} turn")
-        # Turns are encoded separately, so splitting at a turn boundary is exact: no token straddles
-        # the prompt/response boundary and the concatenation equals encode_chat(messages).
-        return [tok for turn in turns[:-1] for tok in turn], turns[-1]
+        encoded = self._encode(messages)
+        if encoded.last_role != "assistant":
+            raise ValueError("a response must be the final assistant turn, got a final "
+                             f"{encoded.last_role!r} turn")
+        # The response is the final assistant turn from its first token through eos; the encoder
+        # checked that it starts on a token boundary, so the split is exact.
+        start, end, _ = encoded.responses[-1]
+        return encoded.ids[:start], encoded.ids[start:end]
 
-    def _encode_turns(self, messages: list[Message]) -> tuple[list[list[int]], str]:
-        """Encode [bos], then each merged turn separately; also return the role of the last turn."""
-        system, turns = _merge_turns(messages)
-        encoded = [[self.bos_id]]
-        for i, (role, content) in enumerate(turns):
-            if role == "user":
-                # The system prompt joins the first user turn only when it is non-empty.
-                if i == 0 and system:
-                    content = system + "\n\n" + content
-                encoded.append(self.encode(f"[INST] {content} [/INST]"))
-            else:
-                encoded.append(self.encode(content, eos=True))
-        return encoded, turns[-1][0]
+    def encode_chat_responses(self, messages: list[Message]) -> tuple[list[int], list[tuple[int, int, int]]]:
+        """The conversation's ids and, per assistant turn, (start, end, index of its last message):
+        ids[start:end] is that turn's text and eos (the spans an SFT loss trains on)."""
+        encoded = self._encode(messages)
+        return encoded.ids, encoded.responses
 
-
-def _merge_turns(messages: list[Message]) -> tuple[str, list[tuple[str, str]]]:
-    """Split a conversation into (system prompt, [(role, content), ...]) the way mistral-common does."""
-    if not messages:
-        raise ValueError("conversation is empty")
-    for i, msg in enumerate(messages):
-        if msg.get("role") not in ROLES or not isinstance(msg.get("content"), str):
-            raise ValueError(f"message {i} must be {{'role': one of {ROLES}, 'content': str}}, got {msg!r}")
-    # Non-empty system contents, in order, wherever they appear.
-    system = "\n\n".join(m["content"] for m in messages if m["role"] == "system" and m["content"])
-    # Group consecutive messages of one role BEFORE dropping system ones: mistral-common does this, so
-    # user, system, user stays two user turns.
-    turns: list[tuple[str, str]] = []
-    for role, group in groupby(messages, key=lambda m: m["role"]):
-        if role != "system":
-            turns.append((role, "\n\n".join(m["content"] for m in group if m["content"])))
-    # mistral-common would insert an empty user turn here; for training data that is always a bug.
-    if not turns or turns[0][0] != "user":
-        raise ValueError("conversation must start with a user message (system messages aside)")
-    # mistral-common refuses empty assistant turns too: there would be nothing to learn but eos.
-    for role, content in turns:
-        if role == "assistant" and not content:
-            raise ValueError("assistant messages must have non-empty content")
-    return system, turns
+    def _encode(self, messages: list[Message], generation_prompt: bool = False):
+        if self._template is None:
+            raise ValueError(f"tokenizer {self.path} has no chat template: set one "
+                             "(spl.chat_templates.resolve_chat_template picks it for a checkpoint)")
+        return encode_conversation(self._template, self, messages, generation_prompt=generation_prompt)

@@ -1,84 +1,56 @@
 """The training loop for SFT, SPL (DPO when alpha == beta) and Bradley-Terry reward models.
 
-One step of SPL (paper eq. 5) on a batch of B preference pairs:
+One step of SPL (paper eq. 5) on a global batch of ``train.batch_size`` preference pairs, split
+evenly over the ranks and, on each rank, into micro-batches:
     1. chosen and rejected sequences go through the policy in one (2B, T) forward;
     2. ``spl/logprobs.py`` turns hidden states into per-sequence log-probs without ever holding
        (2B, T, V) logits; 3. the reference log-probs come from the same weights with the LoRA
-       adapters disabled (no second model copy), or from a precomputed cache; 4. ``spl/losses.py``.
+       adapters disabled (no second model copy), or ride along with the data (``spl/reference.py``);
+    4. ``spl/losses.py``, summed over the micro-batch and divided by the size of the whole global
+       batch (pairs, or for SFT response tokens), so accumulation and the number of ranks leave
+       the objective unchanged;
+    5. one optimizer step, unless the loss or the gradient norm is not finite: then the run stops
+       with nothing applied, naming the last good checkpoint.
 Parallelism: DDP when LoRA trains (gloo on CPU, NCCL on CUDA), FSDP2 (``fully_shard``) for full
 fine-tuning. The loss is computed inside the wrapped module's forward (``Scorer``), so FSDP2 has
 the output projection unsharded exactly when the fused log-prob kernel reads it.
 
-Checkpoints (``out_dir/checkpoints/step_XXXXXXX``, with ``latest`` naming the newest complete one)
-hold the trainable weights (a PEFT-format adapter, or merged HF-layout weights), the optimizer,
-scheduler, RNG and data position, all as safetensors or JSON (never pickle). Each is written to a
-temporary directory and renamed into place, so a killed run always leaves its last good one.
+``build`` turns a config into a ready ``Trainer`` (cheap checks first, weights last); ``Trainer.train``
+runs the steps. Checkpoints and the run directory are ``spl/train_checkpoint.py``'s.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
-from spl.checkpoint import atomic_save_file, atomic_write_text, load_model, save_model
-from spl.config import Config
+from spl.config import Config, TrainConfig
 from spl.data import BatchIterator
+from spl.distributed import DistEnv, TrainingError, print0
 from spl.logprobs import sequence_logps
-from spl.lora import disable_adapters, lora_state_dict, save_adapter
-from spl.losses import bradley_terry_loss, sft_nll, spl_loss
-from spl.model import Transformer
-
-
-class TrainingError(RuntimeError):
-    """The run cannot go on (a non-finite loss, an incompatible checkpoint); the message says why."""
-
-
-# ----------------------------------------------------------------------------- distributed set-up
-
-@dataclass
-class DistEnv:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    device: torch.device = torch.device("cpu")
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed() -> DistEnv:
-    """Read torchrun's environment once; start the process group when there is more than one rank."""
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    local = int(os.environ.get("LOCAL_RANK", 0))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local)
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return DistEnv(rank, world, local, device)
-
-
-def print0(env: DistEnv, *args) -> None:
-    if env.is_main:
-        tqdm.write(" ".join(str(a) for a in args))
-
+from spl.lora import disable_adapters
+from spl.losses import bradley_terry_loss, preference_loss
+from spl.reference import attach_reference, base_fingerprint, cache_fields, compute_reference
+from spl.reporting import Reporter
+from spl.train_checkpoint import (
+    checkpoint_dir,
+    latest_checkpoint,
+    load_checkpoint,
+    prepare_run_dir,
+    save_checkpoint,
+    truncate_metrics,
+)
 
 # ----------------------------------------------------------------------------- the scored model
+
 
 class Scorer(nn.Module):
     """Wraps the transformer so one forward returns what the loss needs, (2B,) per sequence.
@@ -103,7 +75,25 @@ class Scorer(nn.Module):
         return sequence_logps(h, self.model.lm_head.weight, targets, loss_mask, impl=self.logprob_impl)
 
 
-# ----------------------------------------------------------------------------- schedule
+# ----------------------------------------------------------------------------- batch layout and schedule
+
+def batch_layout(t: TrainConfig, world_size: int) -> tuple[int, int, int]:
+    """(per-rank share, micro-batch, accumulation steps) of one optimizer step.
+
+    Needs no weights, so a layout that cannot work stops before any are loaded, naming the setting.
+    """
+    if t.batch_size % world_size:
+        raise TrainingError(f"train.batch_size={t.batch_size} cannot be split evenly over {world_size} "
+                            f"ranks: set train.batch_size to a multiple of {world_size}, or use a number of "
+                            f"ranks that divides {t.batch_size}")
+    share = t.batch_size // world_size
+    micro = share if t.micro_batch_size == "auto" else t.micro_batch_size
+    if share % micro:
+        raise TrainingError(f"train.micro_batch_size={micro} does not divide the per-rank share of {share} "
+                            f"pairs (train.batch_size={t.batch_size} over {world_size} ranks): set "
+                            f"train.micro_batch_size=auto or to a divisor of {share}")
+    return share, micro, share // micro
+
 
 def lr_lambda(cfg: Config):
     """Linear warmup to lr, then cosine or linear decay to ``min_lr_ratio * lr`` at max_steps."""
@@ -131,18 +121,19 @@ class Trainer:
         self.train_data, self.eval_data = train_data, eval_data
         self.tokenizer_path, self.base_path = tokenizer_path, base_path
         self.out_dir = Path(self.t.out_dir)
-        self.ckpt_dir = self.out_dir / "checkpoints"
         t = self.t
-        per_step = t.micro_batch_size * env.world_size
-        if t.batch_size % per_step:
-            raise TrainingError(f"train.batch_size ({t.batch_size}) must be a multiple of "
-                                f"train.micro_batch_size ({t.micro_batch_size}) x ranks ({env.world_size})")
-        self.accum = t.batch_size // per_step
+        self.share, self.micro, self.accum = batch_layout(t, env.world_size)
         self.lora = cfg.lora.enabled
         model.activation_checkpointing = t.activation_checkpointing
+        torch.manual_seed(t.seed)  # the reward head starts the same on every rank (FSDP does not broadcast)
         self.scorer = Scorer(model, t.logprob_impl, reward_head=t.mode == "reward").to(env.device)
-        self.base_fingerprint = _model_fingerprint(model)  # before FSDP shards the weights
+        # Keys precomputed reference log-probs (spl/reference.py); taken before FSDP shards the weights.
+        cached = t.mode == "spl" and (t.ref_cache is not None or not self.lora)
+        self.base_fingerprint = base_fingerprint(model) if cached else ""
         self.wrapped = self._wrap(self.scorer)
+        # Each rank its own stream, so LoRA dropout masks differ across ranks (shared seeds would
+        # correlate them); the weights above were initialized identically before this.
+        torch.manual_seed(t.seed * 65536 + env.rank)
         params = [p for p in self.scorer.parameters() if p.requires_grad]
         if not params:
             raise TrainingError("no trainable parameters: enable LoRA or unfreeze the model")
@@ -151,13 +142,18 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, betas=(0.9, 0.999),
                                            fused=env.device.type in ("cpu", "cuda"))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
-        self.batches = BatchIterator(train_data, t.micro_batch_size, seed=t.seed, rank=env.rank,
-                                     world_size=env.world_size)
+        try:
+            # The data order is defined by global batches, so it does not depend on the rank count.
+            self.batches = BatchIterator(train_data, self.share, seed=t.seed, rank=env.rank,
+                                         world_size=env.world_size)
+        except ValueError as err:
+            raise TrainingError(f"training data: {err}") from None
         self.step = 0
         dev = env.device.type
-        bf16 = t.precision == "bf16" or (t.precision == "auto" and dev == "cuda")
-        self.autocast = (lambda: torch.autocast(dev, dtype=torch.bfloat16)) if bf16 else nullcontext
-        self.ref_cache: torch.Tensor | None = None  # (N, 2) reference log-probs per training pair
+        self.bf16 = t.precision == "bf16" or (t.precision == "auto" and dev == "cuda")
+        self.autocast = (lambda: torch.autocast(dev, dtype=torch.bfloat16)) if self.bf16 else nullcontext
+        # train.report_to's dashboards, on rank 0 only; metrics.jsonl (_log) stays the record.
+        self.reporter = Reporter(t.report_to if env.is_main else [], self.out_dir, cfg.to_dict())
 
     def _wrap(self, scorer: Scorer) -> nn.Module:
         if self.env.world_size == 1:
@@ -180,329 +176,305 @@ class Trainer:
         return {k: v.to(self.env.device, non_blocking=True) if torch.is_tensor(v) else v
                 for k, v in batch.items()}
 
+    def forward(self, batch: dict, model: nn.Module | None = None) -> torch.Tensor:
+        """(N,) per-sequence log-probs (policy) or rewards (reward mode) of the batch's rows."""
+        with self.autocast():
+            return (model or self.wrapped)(batch["input_ids"], batch["targets"], batch["loss_mask"],
+                                           batch["last_index"])
+
     def reference_logps(self, batch: dict) -> torch.Tensor:
-        """(2B,) log pi_ref of each sequence: cached, else the same weights with adapters off."""
-        if self.ref_cache is not None:
-            idx = batch["index"].to(self.ref_cache.device)  # (B,) pair indices
-            return torch.cat([self.ref_cache[idx, 0], self.ref_cache[idx, 1]]).to(self.env.device)
+        """(2B,) log pi_ref of each row: carried by the batch, else the same weights with adapters off."""
+        if "ref_logps" in batch:
+            return batch["ref_logps"].to(self.env.device)
         if not self.lora:
-            raise TrainingError("full fine-tuning needs precomputed reference log-probs")
-        with torch.no_grad(), disable_adapters(self.scorer.model), self.autocast():
-            return self.scorer(batch["input_ids"], batch["targets"], batch["loss_mask"], batch["last_index"])
+            raise TrainingError("spl bug: full fine-tuning needs precomputed reference log-probs")
+        with torch.no_grad(), disable_adapters(self.scorer.model):
+            return self.forward(batch, self.scorer)
+
+    def _reference_if_needed(self, batch: dict) -> torch.Tensor | None:
+        return self.reference_logps(batch) if self.t.mode == "spl" else None
+
+    def loss_terms(self, out: torch.Tensor, ref: torch.Tensor | None) -> tuple[torch.Tensor, dict]:
+        """Per-example losses and detached metrics (batch means) from the forward's (N,) outputs.
+
+        SFT: per-sequence negative log-likelihoods (summed over tokens; the caller divides by a
+        token count). Preferences: per-pair losses (B,), rows [0:B] chosen and [B:2B] rejected.
+        """
+        if self.t.mode == "sft":
+            return -out.float(), {}
+        B = out.shape[0] // 2
+        if self.t.mode == "reward":
+            losses, metrics = bradley_terry_loss(out[:B], out[B:])
+            return losses, {k: v.detach().float() for k, v in metrics.items()}
+        alpha, beta = self.t.alpha, self.t.beta
+        # SPL under reverse KL (DPO at alpha == beta); f-DPO under any other train.divergence.
+        losses, metrics = preference_loss(out[:B], out[B:], ref[:B], ref[B:], alpha=alpha, beta=beta,
+                                          divergence=self.t.divergence,
+                                          divergence_alpha=self.t.divergence_alpha)
+        return losses, {k: v.detach().float().mean() for k, v in metrics.items()}
 
     def compute_loss(self, batch: dict, model: nn.Module | None = None) -> tuple[torch.Tensor, dict]:
-        """Mean loss over the micro-batch and detached metrics (sums, so they average exactly)."""
-        model = model or self.wrapped
-        mode, (alpha, beta) = self.t.mode, (self.t.alpha, self.t.beta)
-        with self.autocast():
-            out = model(batch["input_ids"], batch["targets"], batch["loss_mask"], batch["last_index"])
-        if mode == "sft":
-            nll = sft_nll(out, batch["loss_mask"])  # token mean within the micro-batch
-            return nll, {"nll": nll.detach()}
-        B = out.shape[0] // 2
-        if mode == "reward":
-            losses, metrics = bradley_terry_loss(out[:B], out[B:])
-            return losses.mean(), {k: v.detach().float() for k, v in metrics.items()}
-        ref = self.reference_logps(batch)
-        losses, metrics = spl_loss(out[:B], out[B:], ref[:B], ref[B:], alpha=alpha, beta=beta)
-        return losses.mean(), {k: v.detach().float().mean() for k, v in metrics.items()}
+        """Mean loss over one batch (per pair, or per response token for SFT) and its metrics."""
+        out = self.forward(batch, model)
+        losses, metrics = self.loss_terms(out, self._reference_if_needed(batch))
+        if self.t.mode == "sft":
+            return losses.sum() / batch["loss_mask"].sum().clamp(min=1), metrics
+        return losses.mean(), metrics
 
-    # ------------------------------------------------------------------ reference cache
+    # ------------------------------------------------------------------ reference log-probs
 
-    def precompute_reference(self, path: str | None) -> None:
-        """Fill ``ref_cache`` (N, 2) for the training pairs, from ``path`` if it matches, else compute.
-
-        The file records the pairs' token hash and the base model's identity, so an alpha/beta sweep
-        over one data set and base model reuses it and a mismatched file is refused, not misused.
-        """
-        key = self.train_data.fingerprint() + ":" + self.base_fingerprint
-        if path and Path(path).is_file():
-            tensors = load_file(path)
-            from safetensors import safe_open
-            with safe_open(path, "pt") as f:
-                meta = f.metadata() or {}
-            if meta.get("key") != key:
-                raise TrainingError(f"{path}: reference cache was computed for other data or another base "
-                                    f"model (key {meta.get('key')!r}, expected {key!r}); delete it or "
-                                    "point train.ref_cache elsewhere")
-            self.ref_cache = tensors["ref_logps"]
-            print0(self.env, f"reference log-probs: loaded {len(self.ref_cache)} pairs from {path}")
-            return
-        n = len(self.train_data)
-        cache = torch.zeros(n, 2, dtype=torch.float64)  # float64 so the cross-rank sum is exact
-        order = list(range(self.env.rank, n, self.env.world_size))
-        # Every rank runs the same number of forwards (FSDP's all-gathers are collective): a short
-        # rank repeats its last pair, which writes the same value twice.
-        per_rank = math.ceil(n / self.env.world_size)
-        order += order[-1:] * (per_rank - len(order))
-        mb = self.t.micro_batch_size
-        ctx = disable_adapters(self.scorer.model) if self.lora else nullcontext()
-        with torch.no_grad(), ctx, self.autocast():
-            for s in tqdm(range(0, len(order), mb), desc="reference log-probs", disable=not self.env.is_main):
-                idx = order[s:s + mb]
-                batch = self._batch_to(self.train_data.collate(idx))
-                out = self.scorer(batch["input_ids"], batch["targets"], batch["loss_mask"],
-                                  batch["last_index"]).double().cpu()  # (2b,)
-                cache[idx, 0], cache[idx, 1] = out[:len(idx)], out[len(idx):]
-        if self.env.world_size > 1:
-            dist.all_reduce(cache)
-        self.ref_cache = cache.float()
-        if path and self.env.is_main:
-            atomic_save_file({"ref_logps": self.ref_cache}, path, metadata={"key": key})
-            print0(self.env, f"reference log-probs: wrote {n} pairs to {path}")
+    def attach_references(self) -> None:
+        """Precompute (or load) reference log-probs for the training set, and the eval set, when
+        they cannot come from the live model: full fine-tuning, or a shared ``train.ref_cache``."""
+        t = self.t
+        if t.ref_cache:
+            train_path = Path(t.ref_cache)
+        elif not self.lora:
+            # Kept in out_dir, so a resumed run does not recompute it.
+            train_path = self.out_dir / "reference_logps.safetensors"
+        else:
+            return  # LoRA: adapters off, beside each forward
+        eval_path = train_path.with_name(train_path.stem + ".eval" + train_path.suffix)
+        d = self.cfg.data
+        for name, data, path in (("train", self.train_data, train_path), ("eval", self.eval_data, eval_path)):
+            if data is None:
+                continue
+            fields = cache_fields(data, base=self.base_fingerprint, tokenizer_path=self.tokenizer_path,
+                                  max_len=d.max_len, max_prompt_len=d.max_prompt_len,
+                                  chat_template=d.chat_template, precision="bf16" if self.bf16 else "fp32")
+            compute = lambda data=data: compute_reference(self.scorer, data, self.env, self.micro,
+                                                          self.autocast, adapters_off=self.lora)
+            attach_reference(data, path, fields, self.env, compute, name)
 
     # ------------------------------------------------------------------ the loop
 
     def train(self) -> dict:
         t, env = self.t, self.env
-        if env.is_main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-        if t.mode == "spl" and (t.ref_cache or not self.lora):
-            # Before any resume: the reference is the base model, not the checkpoint's weights. Full
-            # fine-tuning keeps its cache in out_dir so a resumed run does not recompute it.
-            self.precompute_reference(t.ref_cache or str(self.out_dir / "reference_logps.safetensors"))
-        if t.resume:
-            self.load_checkpoint()
+        prepare_run_dir(self.cfg, env)
+        self.reporter.start()
+        if t.mode == "spl":
+            # Before any resume: the reference is the base model, not the checkpoint's weights.
+            self.attach_references()
         metrics_file = self.out_dir / "metrics.jsonl"
-        bar = tqdm(total=t.max_steps, initial=self.step, disable=not env.is_main, desc=t.mode, unit="step")
-        data = iter(self.batches)
+        if t.resume:
+            path = self.latest_checkpoint()
+            if path is None:
+                print0(env, f"resume: no checkpoint in {checkpoint_dir(self.cfg)}; starting from step 0")
+            else:
+                load_checkpoint(self, path)
+            if env.is_main:
+                truncate_metrics(metrics_file, self.step)
+        # The context closes the bar on errors too, so a final message starts on its own line.
+        with tqdm(total=t.max_steps, initial=self.step, disable=not env.is_main, desc=t.mode,
+                  unit="step") as bar:
+            try:
+                return self._loop(bar, metrics_file)
+            finally:
+                self.reporter.close()
+
+    def _loop(self, bar: tqdm, metrics_file: Path) -> dict:
+        t = self.t
+        steps = self.batches.indices()
         last: dict = {}
-        tic, seen = time.perf_counter(), 0
+        seconds, tokens, response_tokens = 0.0, 0.0, 0.0  # since the last logged step
         while self.step < t.max_steps:
-            self.wrapped.train()
-            sums: dict[str, torch.Tensor] = {}
-            loss_sum = torch.zeros((), device=env.device)
-            for micro in range(self.accum):
-                batch = self._batch_to(next(data))
-                sync = micro == self.accum - 1
-                no_sync = getattr(self.wrapped, "no_sync", None)
-                with (nullcontext() if sync or no_sync is None or not self.lora else no_sync()):
-                    loss, metrics = self.compute_loss(batch)
-                    (loss / self.accum).backward()
-                loss_sum += loss.detach() / self.accum
-                for k, v in metrics.items():
-                    sums[k] = sums.get(k, 0) + v / self.accum
-                seen = seen + batch["loss_mask"].sum()  # stays on device: read only when logging
-            stats = torch.stack([loss_sum, *sums.values()])
-            if env.world_size > 1:
-                dist.all_reduce(stats)
-                stats /= env.world_size
-            if not torch.isfinite(stats[0]):
-                latest = self.latest_checkpoint()
-                raise TrainingError(f"non-finite loss ({stats[0].item()}) at step {self.step + 1}; "
-                                    f"stopping without updating weights. Last good checkpoint: "
-                                    f"{latest or 'none written yet'}")
-            grad_norm = self._clip()
-            self.optimizer.step()
-            self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.step += 1
+            tic = time.perf_counter()
+            last = self.train_step(next(steps))
+            seconds += time.perf_counter() - tic
+            tokens += last.pop("tokens")
+            response_tokens += last.pop("response_tokens")
             bar.update(1)
-            last = {"step": self.step, "loss": stats[0].item(),
-                    **{k: v.item() for k, v in zip(sums, stats[1:], strict=True)},
-                    "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm}
             if self.step % t.log_every == 0 or self.step == t.max_steps:
-                last["tokens_per_s"] = float(seen) * env.world_size / (time.perf_counter() - tic)
-                tic, seen = time.perf_counter(), 0
+                # Throughput over all tokens (prompt and response, both sides) and over the response
+                # tokens the loss reads, all ranks together.
+                last["tokens_per_s"] = tokens / seconds
+                last["response_tokens_per_s"] = response_tokens / seconds
+                seconds, tokens, response_tokens = 0.0, 0.0, 0.0
                 shown = ("loss", "rewards/accuracies", "rewards/margins")
                 bar.set_postfix({k: f"{v:.4g}" for k, v in last.items() if k in shown})
                 self._log(metrics_file, last)
             if self.eval_data is not None and (self.step % t.eval_every == 0 or self.step == t.max_steps):
-                ev = self.evaluate()
-                self._log(metrics_file, {"step": self.step, **{f"eval_{k}": v for k, v in ev.items()}})
-                last.update({f"eval_{k}": v for k, v in ev.items()})
+                ev = {f"eval_{k}": v for k, v in self.evaluate().items()}
+                self._log(metrics_file, {"step": self.step, **ev})
+                last.update(ev)
             if self.step % t.save_every == 0 or self.step == t.max_steps:
-                self.save_checkpoint()
-        bar.close()
+                save_checkpoint(self)
         return last
 
-    def _clip(self) -> float:
+    def train_step(self, indices: list[int]) -> dict:
+        """One optimizer step on this rank's share (``indices``) of a global batch; the step's loss,
+        metrics, learning rate, gradient norm and token counts, reduced over all ranks."""
+        t, env = self.t, self.env
+        self.wrapped.train()
+        m = self.micro
+        micros = [self.train_data.collate(indices[i:i + m]) for i in range(0, len(indices), m)]
+        # Counted on the host from CPU tensors: no device sync.
+        tokens = float(sum(int((b["last_index"] + 1).sum()) for b in micros))
+        response_tokens = float(sum(int(b["loss_mask"].sum()) for b in micros))
+        # The loss is a sum over the global batch divided by its size: pairs, or for SFT its response
+        # tokens over all ranks (one scalar all-reduce). DDP and FSDP average gradients over ranks,
+        # so each rank's part is scaled by the rank count to give the gradient of that sum.
+        denom = torch.tensor(float(t.batch_size) if t.mode != "sft" else response_tokens, device=env.device)
+        if t.mode == "sft" and env.world_size > 1:
+            dist.all_reduce(denom)
+        loss_sum = torch.zeros((), device=env.device)
+        metric_sums: dict[str, torch.Tensor] = {}
+        for i, batch in enumerate(micros):
+            batch = self._batch_to(batch)
+            no_sync = getattr(self.wrapped, "no_sync", None)
+            skip_sync = i < len(micros) - 1 and no_sync is not None and self.lora
+            with no_sync() if skip_sync else nullcontext():
+                out = self.forward(batch)
+                losses, metrics = self.loss_terms(out, self._reference_if_needed(batch))
+                part = losses.sum() / denom
+                (part * env.world_size).backward()
+            loss_sum += part.detach()
+            for k, v in metrics.items():
+                metric_sums[k] = metric_sums.get(k, 0) + v / (self.accum * env.world_size)
+        # One all-reduce (sum) for everything: loss parts and token counts add up over ranks, and
+        # the metrics (equal-sized micro-batch means) were pre-divided so their sum is the mean.
+        counts = torch.tensor([tokens, response_tokens], device=env.device)
+        stats = torch.cat([loss_sum[None], counts, torch.stack(list(metric_sums.values()))
+                           if metric_sums else counts[:0]])
+        if env.world_size > 1:
+            dist.all_reduce(stats)
+        grad_norm = self._clip()
+        values = torch.cat([stats, grad_norm.reshape(1).to(stats)]).tolist()  # the step's one host sync
+        loss, norm = values[0], values[-1]
+        if not math.isfinite(loss) or not math.isfinite(norm):
+            latest = self.latest_checkpoint()
+            what = f"loss ({loss})" if not math.isfinite(loss) else f"gradient norm ({norm}, loss {loss:.6g})"
+            raise TrainingError(f"non-finite {what} at step {self.step + 1}; stopping without updating the "
+                                f"weights. Last good checkpoint: {latest or 'none written yet'}")
+        lr = self.optimizer.param_groups[0]["lr"]  # the rate this update uses (the scheduler moves it next)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return {"step": self.step, "loss": loss, **dict(zip(metric_sums, values[3:-1], strict=True)),
+                "lr": lr, "grad_norm": norm, "tokens": values[1], "response_tokens": values[2]}
+
+    def latest_checkpoint(self) -> Path | None:
+        return latest_checkpoint(checkpoint_dir(self.cfg))
+
+    def _clip(self) -> torch.Tensor:
+        """The global gradient norm (0-dim tensor, no host sync), clipping to ``train.grad_clip``."""
         params = [p for p in self.scorer.parameters() if p.grad is not None]
         if not params:
-            return 0.0
+            return torch.zeros((), device=self.env.device)
         if self.t.grad_clip > 0:
-            return float(torch.nn.utils.clip_grad_norm_(params, self.t.grad_clip))
-        return float(torch.nn.utils.get_total_norm([p.grad for p in params]))
+            norm = torch.nn.utils.clip_grad_norm_(params, self.t.grad_clip)
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a replicated DTensor
 
     def _log(self, path: Path, record: dict) -> None:
         if self.env.is_main:
-            with open(path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            try:
+                with open(path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            except OSError as err:
+                raise TrainingError(f"{path}: cannot append metrics ({err})") from None
+            self.reporter.log(record)
 
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Mean loss and metrics over the eval set (pairs split across ranks)."""
+        """Loss and metrics over the whole eval set, exactly: pairs split across ranks, each counted once.
+
+        Every rank runs the same number of forwards (FSDP's collectives), so a rank short of items
+        repeats one; its outputs are dropped before the loss. SFT's loss is per response token.
+        """
+        t, env = self.t, self.env
         self.wrapped.eval()
-        it = BatchIterator(self.eval_data, self.t.micro_batch_size, seed=0, rank=self.env.rank,
-                           world_size=self.env.world_size, shuffle=False, drop_last=False)
+        n = len(self.eval_data)
+        mine = list(range(env.rank, n, env.world_size))
+        real = len(mine)
+        mine += (mine[-1:] or [0]) * (math.ceil(n / env.world_size) - real)
         sums: dict[str, float] = {}
-        count = 0
-        for batch in it.epoch(0):
-            loss, metrics = self.compute_loss(self._batch_to(batch), model=self.scorer)
-            n = batch["input_ids"].shape[0] // (1 if self.t.mode == "sft" else 2)
-            for k, v in {"loss": loss, **metrics}.items():
-                sums[k] = sums.get(k, 0.0) + float(v) * n
-            count += n
+        count = 0.0  # pairs, or response tokens for SFT
+        for s in range(0, len(mine), self.micro):
+            batch = self._batch_to(self.eval_data.collate(mine[s:s + self.micro]))
+            keep = max(0, min(self.micro, real - s))  # the batch's first `keep` items are real
+            out = self.forward(batch, self.scorer)
+            ref = self._reference_if_needed(batch)
+            # A batch of repeats only is still scored (one row, weight 0): every rank then holds the
+            # same metric names, so the all-reduce below has the same length everywhere.
+            rows = torch.arange(max(keep, 1))  # real rows: the first `keep`, for pairs their rejected too
+            if t.mode != "sft":
+                rows = torch.cat([rows, batch["index"].shape[0] + rows])
+            losses, metrics = self.loss_terms(out[rows], None if ref is None else ref[rows])
+            weight = 1.0 if keep else 0.0
+            sums["loss"] = sums.get("loss", 0.0) + float(losses.sum()) * weight
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + float(v) * keep
+            count += float(batch["loss_mask"][rows].sum()) * weight if t.mode == "sft" else keep
         keys = sorted(sums)
-        totals = torch.tensor([sums[k] for k in keys] + [count], dtype=torch.float64)
-        if self.env.world_size > 1:
+        totals = [sums.get(k, 0.0) for k in keys] + [count]
+        totals = torch.tensor(totals, dtype=torch.float64, device=env.device)
+        if env.world_size > 1:
             dist.all_reduce(totals)
-        return {k: (totals[i] / totals[-1]).item() for i, k in enumerate(keys)}
-
-    # ------------------------------------------------------------------ checkpoints
-
-    def latest_checkpoint(self) -> Path | None:
-        pointer = self.ckpt_dir / "latest"
-        if not pointer.is_file():
-            return None
-        path = self.ckpt_dir / pointer.read_text().strip()
-        return path if path.is_dir() else None
-
-    def _optimizer_state(self) -> tuple[dict[str, torch.Tensor], dict]:
-        """Optimizer state as flat tensors keyed by parameter name, plus JSON-able hyperparameters."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-        sd = get_optimizer_state_dict(self.wrapped, self.optimizer,
-                                      options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        # With cpu_offload only rank 0 receives the gathered state; the others get {} and write nothing.
-        tensors = {f"{name}::{k}": v.detach().cpu().contiguous()
-                   for name, state in sd.get("state", {}).items() for k, v in state.items()}
-        return tensors, {"param_groups": sd.get("param_groups", [])}
-
-    def _model_state(self) -> dict[str, torch.Tensor]:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-        if self.lora:
-            sd = lora_state_dict(self.scorer.model)
-            if self.scorer.score is not None:
-                sd["score.weight"] = self.scorer.score.weight
-            return {k: v.detach().cpu().contiguous() for k, v in sd.items()}
-        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        sd = get_model_state_dict(self.wrapped, options=opts)
-        return {k: v.detach().cpu().contiguous() for k, v in sd.items()}
-
-    def save_checkpoint(self) -> Path:
-        """Write ``step_XXXXXXX`` atomically, point ``latest`` at it, drop all but the newest few."""
-        env = self.env
-        model_sd = self._model_state()  # collective under FSDP: every rank takes part
-        opt_tensors, opt_meta = self._optimizer_state()
-        rng = {"cpu": torch.get_rng_state()}
-        if env.device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(env.device)
-        name = f"step_{self.step:07d}"
-        final = self.ckpt_dir / name
-        tmp = self.ckpt_dir / f".tmp_{name}"
-        if env.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        if env.world_size > 1:
-            dist.barrier()
-        save_file(rng, str(tmp / f"rng_rank{env.rank}.safetensors"))
-        if env.is_main:
-            self._save_weights(tmp, model_sd)
-            save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-            state = {"step": self.step, "data": self.batches.state_dict(),
-                     "scheduler": self.scheduler.state_dict(), "optimizer": opt_meta,
-                     "world_size": env.world_size, "mode": self.t.mode, "lora": self.lora}
-            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1, default=str))
-            (tmp / "config.yaml").write_text(self.cfg.to_yaml())
-            if self.tokenizer_path:
-                shutil.copyfile(self.tokenizer_path, tmp / "tokenizer.model")
-        if env.world_size > 1:
-            dist.barrier()
-        if env.is_main:
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
-            atomic_write_text(self.ckpt_dir / "latest", name + "\n")
-            (self.out_dir / "config.yaml").write_text(self.cfg.to_yaml())
-            old = sorted(p for p in self.ckpt_dir.glob("step_*") if p.is_dir())[:-self.t.keep_checkpoints]
-            for p in old:
-                shutil.rmtree(p, ignore_errors=True)
-        if env.world_size > 1:
-            dist.barrier()
-        return final
-
-    def _save_weights(self, out: Path, model_sd: dict[str, torch.Tensor]) -> None:
-        if self.lora:
-            save_adapter(self.scorer.model, out / "adapter", base_model_name_or_path=self.base_path)
-            if self.scorer.score is not None:
-                save_file({"weight": model_sd["score.weight"]}, str(out / "reward_head.safetensors"))
-            return
-        weights = {k.removeprefix("model."): v for k, v in model_sd.items() if k.startswith("model.")}
-        with torch.device("meta"):  # a shell to carry the gathered full weights into save_model
-            shell = Transformer(self.scorer.model.cfg)
-        shell.load_state_dict(weights, assign=True)
-        save_model(shell, shell.cfg, out / "model")
-        if self.scorer.score is not None:
-            save_file({"weight": model_sd["score.weight"]}, str(out / "reward_head.safetensors"))
-
-    def load_checkpoint(self, path: Path | None = None) -> None:
-        """Restore weights, optimizer, schedule, RNG and data position from ``path`` or ``latest``."""
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            set_model_state_dict,
-            set_optimizer_state_dict,
-        )
-        path = path or self.latest_checkpoint()
-        if path is None:
-            print0(self.env, f"resume: no checkpoint in {self.ckpt_dir}; starting from step 0")
-            return
-        state = json.loads((path / "trainer_state.json").read_text())
-        if state["mode"] != self.t.mode or state["lora"] != self.lora:
-            raise TrainingError(f"{path}: checkpoint is for mode={state['mode']} lora={state['lora']}, "
-                                f"this run is mode={self.t.mode} lora={self.lora}")
-        if state["world_size"] != self.env.world_size:
-            print0(self.env, f"resume: checkpoint used {state['world_size']} ranks, now "
-                   f"{self.env.world_size}; the data order stays the same but RNG streams differ")
-        opts = StateDictOptions(full_state_dict=True, strict=False)
-        if self.lora:
-            from spl.lora import load_adapter
-            load_adapter(self.scorer.model, path / "adapter")
-            if self.scorer.score is not None:
-                self.scorer.score.weight.data.copy_(load_file(path / "reward_head.safetensors")["weight"])
-        else:
-            saved, _ = load_model(path / "model")
-            sd = {"model." + k: v for k, v in saved.state_dict().items()}
-            if self.scorer.score is not None:
-                sd["score.weight"] = load_file(path / "reward_head.safetensors")["weight"]
-            set_model_state_dict(self.wrapped, sd, options=opts)
-        flat = load_file(path / "optimizer.safetensors")
-        osd: dict = {"state": {}, "param_groups": state["optimizer"]["param_groups"]}
-        for key, v in flat.items():
-            name, k = key.split("::")
-            osd["state"].setdefault(name, {})[k] = v
-        set_optimizer_state_dict(self.wrapped, self.optimizer, osd, options=opts)
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.batches.load_state_dict(state["data"])
-        rng_file = path / f"rng_rank{self.env.rank}.safetensors"
-        if rng_file.is_file():
-            rng = load_file(rng_file)
-            torch.set_rng_state(rng["cpu"])
-            if "cuda" in rng and self.env.device.type == "cuda":
-                torch.cuda.set_rng_state(rng["cuda"], self.env.device)
-        self.step = state["step"]
-        print0(self.env, f"resume: continuing from {path} at step {self.step}")
+        totals = totals.tolist()
+        pairs = len(self.eval_data)  # metrics are means over pairs; the loss over `count`
+        return {k: totals[i] / (totals[-1] if k == "loss" else pairs) for i, k in enumerate(keys)}
 
 
-def _model_fingerprint(model: nn.Module) -> str:
-    """A cheap identity of the base weights: shape plus a checksum of the output projection."""
-    w = model.lm_head.weight.detach()
-    return f"{tuple(w.shape)}:{float(w.double().sum()):.10e}:{float(w.double().abs().sum()):.10e}"
+# ----------------------------------------------------------------------------- building a run
 
-
-def run(cfg: Config, env: DistEnv) -> dict:
-    """Build tokenizer, model, adapters and data from ``cfg`` and train: train.py on real data."""
-    from spl.checkpoint import check_tokenizer_vocab
+def load_data(cfg: Config, tok, env: DistEnv):
+    """Training and eval sets, checked before any weights are loaded: a held-out split
+    (``data.eval_size``, seeded by ``train.seed``) or a separate ``data.eval_path``."""
     from spl.data import load_preference_data, load_sft_data
+
+    d, t = cfg.data, cfg.train
+    kw = dict(max_len=d.max_len, max_prompt_len=d.max_prompt_len, format=d.format)
+    load = load_sft_data if t.mode == "sft" else load_preference_data
+    train_data = load(d.train_path, tok, **kw)
+    eval_data = load(d.eval_path, tok, **kw) if d.eval_path else None
+    for name, data in (("train", train_data), ("eval", eval_data)):
+        if data is not None:
+            print0(env, f"{name} data: {data.stats}")
+    if eval_data is not None and len(eval_data) == 0:
+        raise TrainingError(f"data.eval_path {d.eval_path}: no usable records (stats: {eval_data.stats})")
+    if d.eval_size:
+        n = len(train_data)
+        if d.eval_size + t.batch_size > n:
+            raise TrainingError(f"data.eval_size={d.eval_size} leaves {max(0, n - d.eval_size)} of the {n} "
+                                f"usable records of {d.train_path} for training, fewer than one batch "
+                                f"(train.batch_size={t.batch_size}); lower data.eval_size")
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(t.seed)).tolist()
+        held = set(order[:d.eval_size])
+        make, pad = type(train_data), train_data.pad_id
+        eval_data = make([x for i, x in enumerate(train_data) if i in held], {"held_out_of": n}, pad)
+        train_data = make([x for i, x in enumerate(train_data) if i not in held], train_data.stats, pad)
+        print0(env, f"eval data: held out {len(eval_data)} of {n} records of {d.train_path} "
+                    f"(data.eval_size, seed {t.seed}); {len(train_data)} remain for training")
+    if len(train_data) < t.batch_size:
+        raise TrainingError(f"data.train_path {d.train_path}: {len(train_data)} usable records, fewer than "
+                            f"one batch (train.batch_size={t.batch_size}; stats: {train_data.stats})")
+    return train_data, eval_data
+
+
+def build(cfg: Config, env: DistEnv) -> Trainer:
+    """Everything before the first step, cheapest checks first: batch layout, run directory,
+    tokenizer and data (eval data included), and only then the weights."""
+    from spl.chat_templates import set_chat_template
+    from spl.checkpoint import check_tokenizer_vocab, load_model
     from spl.lora import apply_lora, parameter_summary
     from spl.tokenizer import Tokenizer
 
     m, t = cfg.model, cfg.train
+    batch_layout(t, env.world_size)
     if m.checkpoint is None:
         raise TrainingError("model.checkpoint is required when data.train_path is set "
                             "(an HF- or original-layout model directory)")
+    prepare_run_dir(cfg, env)
     tok_path = Path(m.tokenizer or Path(m.checkpoint) / "tokenizer.model")
     if not tok_path.is_file():
         raise TrainingError(f"tokenizer not found: {tok_path} (set model.tokenizer)")
     tok = Tokenizer(tok_path)
+    print0(env, set_chat_template(tok, cfg.data.chat_template, checkpoint=m.checkpoint))
+    cfg.data.chat_template = tok.chat_template.name  # the resolved name is saved with every checkpoint
+    train_data, eval_data = load_data(cfg, tok, env)
     # Frozen LoRA bases may live in bf16 on CUDA; trained full weights stay fp32 (autocast computes in bf16).
     cuda = env.device.type == "cuda"
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(
@@ -516,90 +488,10 @@ def run(cfg: Config, env: DistEnv) -> dict:
     else:
         model.requires_grad_(True)
     print0(env, parameter_summary(model))
-    kw = dict(max_len=cfg.data.max_len, max_prompt_len=cfg.data.max_prompt_len,
-              chat_template=cfg.data.chat_template, format=cfg.data.format)
-    load = load_sft_data if t.mode == "sft" else load_preference_data
-    train_data = load(cfg.data.train_path, tok, **kw)
-    eval_data = load(cfg.data.eval_path, tok, **kw) if cfg.data.eval_path else None
-    for name, d in (("train", train_data), ("eval", eval_data)):
-        if d is not None:
-            print0(env, f"{name} data: {d.stats}")
-    if len(train_data) == 0:
-        raise TrainingError(f"{cfg.data.train_path}: no usable records (stats: {train_data.stats})")
-    trainer = Trainer(cfg, env, model, train_data, eval_data, tokenizer_path=str(tok_path),
-                      base_path=str(Path(m.checkpoint).resolve()))
-    return trainer.train()
+    return Trainer(cfg, env, model, train_data, eval_data, tokenizer_path=str(tok_path),
+                   base_path=str(Path(m.checkpoint).resolve()))
 
 
-# ----------------------------------------------------------------------------- reading runs back
-
-@dataclass
-class Loaded:
-    """A model ready for sampling or evaluation, and where each part came from."""
-
-    model: nn.Module
-    tokenizer: object  # spl.tokenizer.Tokenizer
-    source: Path  # the directory the weights were read from
-    base: Path | None = None  # the base model under an adapter
-    reward_head: torch.Tensor | None = None  # (1, D) scalar head of a reward model
-    has_adapter: bool = False
-
-
-def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """A run directory (``out_dir``) means its latest checkpoint; anything else is taken as given."""
-    path = Path(path)
-    if not path.exists():
-        raise TrainingError(f"checkpoint not found: {path} (train first: torchrun train.py)")
-    pointer = path / "checkpoints" / "latest"
-    if pointer.is_file():
-        step = path / "checkpoints" / pointer.read_text().strip()
-        if not step.is_dir():
-            raise TrainingError(f"{pointer} names {step.name}, which does not exist")
-        return step
-    return path
-
-
-def load_for_inference(path: str | os.PathLike, *, adapter: str | os.PathLike | None = None,
-                       tokenizer: str | os.PathLike | None = None, device: torch.device | str = "cpu",
-                       dtype: torch.dtype = torch.float32) -> Loaded:
-    """Load one of: a run directory or one of its ``step_*`` checkpoints (adapter over its base, or
-    merged weights), an HF-layout or original-layout model directory; then an optional extra
-    PEFT-format ``adapter``. The tokenizer is the checkpoint's own ``tokenizer.model`` unless given,
-    and its vocabulary must match the model's."""
-    from spl.checkpoint import check_tokenizer_vocab
-    from spl.lora import load_adapter
-    from spl.tokenizer import Tokenizer
-
-    src = resolve_checkpoint(path)
-    base, has_adapter, head = None, False, None
-    if (src / "trainer_state.json").is_file() and (src / "adapter").is_dir():
-        config = json.loads((src / "adapter" / "adapter_config.json").read_text())
-        base = Path(config.get("base_model_name_or_path") or "")
-        if not (base / "config.json").is_file() and not (base / "params.json").is_file():
-            # A run moved to another machine: look for the base beside the run (the demo's reference).
-            beside = src.parent.parent / "reference"
-            if not (beside / "config.json").is_file():
-                raise TrainingError(f"{src / 'adapter' / 'adapter_config.json'}: base model {str(base)!r} "
-                                    "not found; copy it back or pass the base as --checkpoint and the "
-                                    "adapter as --adapter")
-            base = beside
-        model, _ = load_model(base, dtype=dtype, device=device)
-        load_adapter(model, src / "adapter")
-        has_adapter = True
-    elif (src / "trainer_state.json").is_file() and (src / "model").is_dir():
-        model, _ = load_model(src / "model", dtype=dtype, device=device)
-    else:
-        model, _ = load_model(src, dtype=dtype, device=device)
-    if (src / "reward_head.safetensors").is_file():
-        head = load_file(src / "reward_head.safetensors")["weight"].to(device)
-    if adapter is not None:
-        load_adapter(model, adapter)
-        has_adapter = True
-    tok_path = Path(tokenizer) if tokenizer else src / "tokenizer.model"
-    if not tok_path.is_file() and base is not None:
-        tok_path = base / "tokenizer.model"
-    if not tok_path.is_file():
-        raise TrainingError(f"tokenizer not found: {tok_path} (pass --tokenizer)")
-    tok = Tokenizer(tok_path)
-    check_tokenizer_vocab(tok_path, model.cfg.vocab_size, tok.vocab_size)
-    return Loaded(model.eval(), tok, src, base, head, has_adapter)
+def run(cfg: Config, env: DistEnv) -> dict:
+    """train.py on real data: build the run, then train it."""
+    return build(cfg, env).train()

@@ -10,8 +10,8 @@ Tolerances, fp32 inputs (absolute; observed errors are ~10x below each):
     sequence_logps  5e-5  a sum of <= 23 token errors of ~1e-6 (observed <= 8e-6).
     grad_hidden     1e-5  W^T delta with |entries| <= ~2, a fp32 sum over V <= 257 terms (<= 1e-6).
     grad_weight     2e-5  a sum over <= 69 tokens of delta h^T, entries <= ~7 (observed <= 2e-6).
-bf16 inputs: the error of every output against float64 may be at most 2x that of plain torch
-computing in bf16 (logits rounded to bf16, as torch's bf16 matmul returns them), measured as
+bf16 and fp16 inputs: the error of every output against float64 may be at most 2x that of plain
+torch computing in that dtype (logits rounded to it, as torch's matmul returns them), measured as
 the Frobenius norm of the error. Not the max-abs: both error fields are dominated by the same bf16
 roundings, and their max-abs ratio swings from 0.6 to 1.8 across seeds with no change in
 accuracy, while the norm ratio stays within 3% (12 seeds, both tested shapes).
@@ -23,10 +23,15 @@ from dataclasses import dataclass
 
 import torch
 
+import spl.logprobs
 from spl.logprobs import plain_token_logps
 
 # (B, T, D, V): tiny, and odd sizes that are no multiple of any block.
 SHAPES = [(1, 3, 3, 47), (2, 23, 47, 123), (3, 7, 64, 257)]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# The three gradient strategies of spl/logprobs.py: frozen weight (dlogp/dh precomputed), and a
+# trainable weight with its logits kept for backward or recomputed there.
+MODES = ("frozen", "keep", "recompute")
 FP32_TOL = {"token_logps": 1e-5, "sequence_logps": 5e-5, "grad_hidden": 1e-5, "grad_weight": 2e-5}
 NORM_FACTOR = 2.0  # bf16 (and fp32 at large sizes): error norm <= 2x plain torch's in that dtype
 
@@ -38,6 +43,12 @@ class Batch:
     targets: torch.Tensor  # (B, T) int64, -100 where masked out
     loss_mask: torch.Tensor  # (B, T) bool
     grad_seq: torch.Tensor  # (B,) upstream gradient per sequence
+
+
+def use_mode(monkeypatch, mode: str) -> bool:
+    """Force ``mode`` (MODES) whatever the memory rule would pick; returns whether W trains."""
+    monkeypatch.setattr(spl.logprobs, "keep_logits", lambda *args: mode == "keep")
+    return mode != "frozen"
 
 
 def make_batch(B: int, T: int, D: int, V: int, dtype: torch.dtype, device: str = "cpu") -> Batch:

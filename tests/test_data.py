@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from spl.data import (
+    MAX_LINE_BYTES,
     BatchIterator,
     DataError,
     PreferenceDataset,
@@ -27,6 +28,7 @@ from spl.data import (
     detect_format,
     load_preference_data,
     load_sft_data,
+    read_jsonl,
     read_preference,
     read_sft,
     truncate,
@@ -41,8 +43,7 @@ S = lambda text: {"role": "system", "content": text}
 HERE = Where("<records>", 1)
 
 
-@pytest.fixture(scope="module")
-def tok() -> Tokenizer:
+def v1_model() -> Path:
     # find_spec locates the package without importing it (and its numpy pin) into the test process.
     spec = importlib.util.find_spec("mistral_common")
     if spec is None or spec.origin is None:
@@ -50,7 +51,18 @@ def tok() -> Tokenizer:
     path = Path(spec.origin).parent / "data" / "tokenizer.model.v1"
     if not path.is_file():
         pytest.skip(f"mistral-common has no v1 tokenizer at {path}")
-    return Tokenizer(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tok() -> Tokenizer:
+    return Tokenizer(v1_model(), "mistral-v1")
+
+
+@pytest.fixture(scope="module")
+def raw_tok() -> Tokenizer:
+    """The same vocabulary with plain-text prompts (chat template "none")."""
+    return Tokenizer(v1_model(), "none")
 
 
 def parse_one(record: dict) -> PreferenceText:
@@ -130,7 +142,7 @@ def test_hh_prompt_messages() -> None:
     assert all(m["content"] == m["content"].strip() != "" for m in parsed[120].prompt)
 
 
-def test_hh_dataset_skips_and_tokens(tok: Tokenizer) -> None:
+def test_hh_dataset_skips_and_tokens(tok: Tokenizer, raw_tok: Tokenizer) -> None:
     ds = load_preference_data(HH_RAW, tok, max_len=4096, max_prompt_len=2048)
     # 721 is identical; 120 and 740 have an empty rejected response.
     assert ds.stats == {"read": 40, "kept": 37, "skipped_identical": 1, "skipped_empty": 2,
@@ -139,25 +151,25 @@ def test_hh_dataset_skips_and_tokens(tok: Tokenizer) -> None:
     pair = ds[0]
     assert pair.prompt_ids + pair.chosen_ids == tok.encode_chat([*text.prompt, A(text.chosen)])
     assert pair.chosen_ids[-1] == pair.rejected_ids[-1] == tok.eos_id
-    raw = load_preference_data(HH_RAW, tok, max_len=4096, max_prompt_len=2048, chat_template=False)
+    raw = load_preference_data(HH_RAW, raw_tok, max_len=4096, max_prompt_len=2048)
     assert raw[0].prompt_ids == tok.encode(text.prompt_text, bos=True)
     assert raw[0].chosen_ids == tok.encode(text.chosen, eos=True)
 
 
 # ------------------------------------------------------------------------------------ tokenization
 
-def test_chat_template_and_raw_tokens(tok: Tokenizer) -> None:
+def test_chat_template_and_raw_tokens(tok: Tokenizer, raw_tok: Tokenizer) -> None:
     records = [{"prompt": "What is 2+2?", "chosen": "4.", "rejected": "5."}]
     pair = PreferenceDataset.from_records(records, tok, max_len=64, max_prompt_len=32)[0]
     assert pair.prompt_ids == tok.encode_prompt([U("What is 2+2?")])
     assert pair.chosen_ids == tok.encode("4.", eos=True)
     assert tok.decode(pair.prompt_ids) == "[INST] What is 2+2? [/INST]"
-    raw = PreferenceDataset.from_records(records, tok, max_len=64, max_prompt_len=32, chat_template=False)[0]
+    raw = PreferenceDataset.from_records(records, raw_tok, max_len=64, max_prompt_len=32)[0]
     assert raw.prompt_ids == [tok.bos_id, *tok.encode("What is 2+2?")]
     assert raw.rejected_ids == [*tok.encode("5."), tok.eos_id]
-    with pytest.raises(DataError, match="chat_template=False needs a plain-string prompt"):
-        PreferenceDataset.from_records([{"prompt": [U("q")], "chosen": "a", "rejected": "b"}], tok,
-                                       max_len=64, max_prompt_len=32, chat_template=False)
+    with pytest.raises(DataError, match="chat template 'none' needs a plain-string prompt"):
+        PreferenceDataset.from_records([{"prompt": [U("q")], "chosen": "a", "rejected": "b"}], raw_tok,
+                                       max_len=64, max_prompt_len=32)
 
 
 def test_truncate_keeps_bos_and_prompt_end() -> None:
@@ -176,11 +188,12 @@ def test_truncate_keeps_bos_and_prompt_end() -> None:
     assert cut([1, 10, 11], [[20]], 3, 1) == ([1], [[20]], True, False)
 
 
-def test_truncation_counts(tok: Tokenizer) -> None:
+def test_truncation_counts(raw_tok: Tokenizer) -> None:
+    tok = raw_tok
     long_prompt = " ".join(f"word{i}" for i in range(40))
     records = [{"prompt": long_prompt, "chosen": "short", "rejected": "a much longer answer " * 10},
                {"prompt": "hi", "chosen": "a", "rejected": "b"}]
-    ds = PreferenceDataset.from_records(records, tok, max_len=24, max_prompt_len=10, chat_template=False)
+    ds = PreferenceDataset.from_records(records, tok, max_len=24, max_prompt_len=10)
     full_prompt = tok.encode(long_prompt, bos=True)
     pair = ds[0]
     assert pair.prompt_ids == [tok.bos_id, *full_prompt[-9:]]
@@ -230,6 +243,77 @@ def test_sft_errors(tmp_path: Path) -> None:
         list(read_sft(path))
     with pytest.raises(ValueError, match="format"):
         list(read_sft([], format="hh"))
+
+
+# Bad bytes, depth and size: each must be one DataError naming file and line, never a traceback.
+NOT_UTF8 = '{"prompt": "caf\xe9", "chosen": "a", "rejected": "b"}'.encode("latin-1")  # é as 1 byte
+NESTED = '{"prompt": ' + "[" * 100_000 + "]" * 100_000 + ', "chosen": "a", "rejected": "b"}'
+
+
+@pytest.mark.parametrize("read, good, bad", [
+    (read_preference, GOOD.encode(), NOT_UTF8),
+    (read_sft, b'{"text": "ok"}', '{"text": "caf\xe9"}'.encode("latin-1")),
+], ids=["preference", "sft"])
+def test_non_utf8_byte_names_file_and_line(tmp_path: Path, read, good: bytes, bad: bytes) -> None:
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(good + b"\n\n" + bad + b"\n" + good + b"\n")
+    column = bad.index(b"\xe9") + 1
+    with pytest.raises(DataError, match=rf"latin1\.jsonl, line 3, field '<utf-8>': byte 0xe9 at byte "
+                       rf"{column} of the line is not valid UTF-8") as info:
+        list(read(path))
+    assert info.value.where == Where(str(path), 3)
+
+
+def test_deeply_nested_json_names_file_and_line(tmp_path: Path) -> None:
+    path = write_lines(tmp_path, [GOOD, NESTED], name="deep.jsonl")
+    with pytest.raises(DataError, match=r"deep\.jsonl, line 2, field '<json>': JSON nested too deeply"):
+        list(read_preference(path))
+    # Nesting the parser can hold is still checked field by field.
+    path = write_lines(tmp_path, [GOOD, '{"prompt": [[[["q"]]]], "chosen": "a", "rejected": "b"}'])
+    with pytest.raises(DataError, match=r"line 2, field 'prompt\[0\]': expected a message object"):
+        list(read_preference(path))
+
+
+def test_line_cap_is_exact(tmp_path: Path) -> None:
+    cap = len(GOOD) + 3
+    fits = GOOD[:-1] + "   }"  # exactly cap bytes of valid JSON
+    path = tmp_path / "cap.jsonl"
+    # LF, CRLF and a final line without a newline all fit at exactly cap bytes.
+    path.write_bytes(f"{fits}\n{fits}\r\n{fits}".encode())
+    assert [w.line for _, w in read_jsonl(path, max_line_bytes=cap)] == [1, 2, 3]
+    path.write_bytes(f"{fits}\n{fits} \n{fits}\n".encode())
+    with pytest.raises(DataError, match=rf"cap\.jsonl, line 2, field '<line>': longer than the {cap}-byte"):
+        list(read_jsonl(path, max_line_bytes=cap))
+
+
+def test_ten_megabyte_line_is_refused_at_the_cap(tmp_path: Path) -> None:
+    huge = json.dumps({"prompt": "q", "chosen": "word " * 2_000_000, "rejected": "b"})  # 10 MB
+    path = write_lines(tmp_path, [GOOD, GOOD, huge, GOOD], name="huge.jsonl")
+    with pytest.raises(DataError, match=rf"huge\.jsonl, line 3, field '<line>': longer than the "
+                       rf"{MAX_LINE_BYTES:,}-byte cap on one record \(spl\.data\.MAX_LINE_BYTES\)"):
+        list(read_preference(path))
+
+
+@pytest.mark.parametrize("content, message", [
+    (GOOD.encode() + b"\n" + NOT_UTF8 + b"\n", "line 2, field '<utf-8>': byte 0xe9"),
+    ((GOOD + "\n" + NESTED + "\n").encode(), "line 2, field '<json>': JSON nested too deeply"),
+    ((GOOD + "\n" + json.dumps({"prompt": "q", "chosen": "w " * 5_000_000, "rejected": "b"})).encode(),
+     f"line 2, field '<line>': longer than the {MAX_LINE_BYTES:,}-byte cap"),
+], ids=["not_utf8", "nested", "ten_mb_line"])
+def test_train_py_bad_data_is_one_line_exit_1(tiny_hf_model: Path, tmp_path: Path, capsys, content: bytes,
+                                               message: str) -> None:
+    """train.py's entry point, in process: exit code 1 and one stderr line naming file and line."""
+    import train
+
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(content)
+    code = train.main([f"model.checkpoint={tiny_hf_model}", f"data.train_path={path}",
+                       "data.format=preference", f"train.out_dir={tmp_path / 'run'}", "data.max_len=64",
+                       "data.max_prompt_len=32",
+                       "train.batch_size=2", "train.micro_batch_size=2", "train.max_steps=1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1, err
+    assert err[0].startswith(f"train.py: {path}, {message}"), err[0]
 
 
 def test_harmless_records_skipped_and_counted(tok: Tokenizer) -> None:
@@ -311,9 +395,28 @@ def test_sft_masks(tok: Tokenizer) -> None:
     assert ds[0].input_ids == tok.encode_chat(records[0]["messages"])
 
 
-def test_load_sft_raw_and_truncation(tmp_path: Path, tok: Tokenizer) -> None:
+def test_the_tokenizers_template_decides_the_tokens() -> None:
+    """mistral-v3 puts the system prompt on the LAST user turn, so the first reply's context differs
+    from a shorter conversation's; SFT masks come from one encoding of the whole conversation."""
+    v3 = Tokenizer(v1_model().with_name("mistral_instruct_tokenizer_240323.model.v3"), "mistral-v3")
+    messages = [S("Be brief."), U("Hi"), A("Hello."), U("Bye"), A("Bye!")]
+    example = SFTDataset.from_records([{"messages": messages}], v3, max_len=64, max_prompt_len=32)[0]
+    assert example.input_ids == v3.encode_chat(messages)
+    ids, mask = example.input_ids, example.response_mask
+    spans = [i for i in range(len(ids)) if mask[i] and (i == 0 or not mask[i - 1])]
+    assert [v3.decode(ids[i:ids.index(v3.eos_id, i) + 1]) for i in spans] == ["Hello.", "Bye!"]
+    zephyr = Tokenizer(v1_model(), "zephyr")
+    pair = PreferenceDataset.from_records([{"prompt": "Hi", "chosen": "Yes.", "rejected": "No."}], zephyr,
+                                          max_len=64, max_prompt_len=32)[0]
+    assert pair.prompt_ids == zephyr.encode_prompt([U("Hi")])
+    assert zephyr.decode(pair.prompt_ids).endswith("<|user|>\nHi \n<|assistant|>\n")
+    assert pair.chosen_ids == zephyr.encode_prompt_response([U("Hi"), A("Yes.")])[1]
+
+
+def test_load_sft_raw_and_truncation(tmp_path: Path, raw_tok: Tokenizer) -> None:
+    tok = raw_tok
     path = write_lines(tmp_path, [json.dumps({"prompt": "p " * 30, "response": "r " * 30})])
-    ds = load_sft_data(path, tok, max_len=20, max_prompt_len=8, chat_template=False)
+    ds = load_sft_data(path, tok, max_len=20, max_prompt_len=8)
     example = ds[0]
     assert len(example.input_ids) == 20 and example.input_ids[0] == tok.bos_id
     assert example.response_mask == [False] * 8 + [True] * 12

@@ -2,34 +2,32 @@
 
 import collections
 import json
+import re
 
 import pytest
 
+from spl.data import DataError, read_jsonl, split_hh
 from spl.evaluation.datasets import (
     CALIBRATION_PROMPT,
     DATA_DIR,
     GLOBAL_OPINIONS_ALL,
-    MATH500_LEVELS_1_3_5,
-    DataFormatError,
     format_multiple_choice,
     load_global_opinions,
     load_gsm8k,
     load_hh_rlhf,
-    load_hh_rlhf_raw,
     load_math,
     load_mmlu,
     load_political_compass,
     load_truthfulqa_mc1,
-    read_jsonl,
+    read_records,
     shuffle_choices,
-    split_hh_dialogue,
 )
 
 
 def test_shipped_data_counts_and_attribution():
     assert len(load_gsm8k()) == 1319
     assert len(load_math()) == 500
-    levels = collections.Counter(p.level for p in load_math(MATH500_LEVELS_1_3_5))
+    levels = collections.Counter(p.level for p in load_math(DATA_DIR / "math/math500_L1_L3_L5_40each.jsonl"))
     assert levels == {1: 40, 3: 40, 5: 40}
     assert len(load_math(levels={5})) == 134
     assert len(load_mmlu()) == 1140
@@ -80,16 +78,12 @@ def test_calibration_prompt_layout():
 def test_hh_rlhf_split_matches_shipped_split():
     """Splitting the raw dialogues at the last marker of the common prefix reproduces the
     pre-split file for all 800, including idx 567 (marker inside chosen) and 721 (equal texts)."""
-    raw, split = load_hh_rlhf_raw(), load_hh_rlhf()
+    raw = [record for record, _ in read_jsonl(DATA_DIR / "hh_rlhf/helpful_base_test_first800.jsonl")]
+    split = load_hh_rlhf()
     assert len(raw) == len(split) == 800
-    for a, b in zip(raw, split, strict=True):
-        assert (a.prompt, a.chosen, a.rejected) == (b.prompt, b.chosen, b.rejected)
+    for r, b in zip(raw, split, strict=True):
+        assert split_hh(r["chosen"], r["rejected"]) == (b.prompt, b.chosen, b.rejected)
     assert split[567].prompt.endswith("\n\nAssistant:") and "\n\nAssistant:" in split[567].chosen
-    prompt, chosen, rejected = split_hh_dialogue("\n\nHuman: hi\n\nAssistant: yo",
-                                                 "\n\nHuman: hi\n\nAssistant: hey")
-    assert (prompt, chosen, rejected) == ("\n\nHuman: hi\n\nAssistant:", " yo", " hey")
-    with pytest.raises(ValueError, match="no '\\\\n\\\\nAssistant:' marker"):
-        split_hh_dialogue("Human: a", "Human: b")
 
 
 def test_global_opinions_substantive_filter():
@@ -110,39 +104,44 @@ def _write(tmp_path, lines: list[str]):
     return path
 
 
+def _error(path, line: int, field: str, message: str) -> str:
+    """The regex of a DataError message (file, line and field are named)."""
+    return re.escape(f"{path}, line {line}, field '{field}': {message}")
+
+
 def test_invalid_json_names_file_and_line(tmp_path):
     path = _write(tmp_path, ['{"question": "q", "answer": "a\\n#### 1"}', "", '{"question": "q", oops}'])
-    with pytest.raises(DataFormatError, match=rf"{path}:3: invalid JSON"):
+    with pytest.raises(DataError, match=_error(path, 3, "<json>", "invalid JSON")):
         load_gsm8k(path)
 
 
 def test_missing_and_mistyped_fields(tmp_path):
     path = _write(tmp_path, ['{"question": "q"}'])
-    with pytest.raises(DataFormatError, match=rf"{path}:1: missing field 'answer'"):
+    with pytest.raises(DataError, match=_error(path, 1, "answer", "missing")):
         load_gsm8k(path)
     path = _write(tmp_path, ['{"question": "q", "answer": "no marker"}'])
-    with pytest.raises(DataFormatError, match=rf"{path}:1: GSM8K solution has no '####'"):
+    with pytest.raises(DataError, match=_error(path, 1, "answer", "GSM8K solution has no '####'")):
         load_gsm8k(path)
     good = {"problem": "p", "solution": "s", "answer": "1", "level": 2, "unique_id": "u"}
     path = _write(tmp_path, [json.dumps(good), json.dumps({**good, "level": "Level 2"})])
-    with pytest.raises(DataFormatError, match=rf"{path}:2: field 'level' should be int, got str"):
+    with pytest.raises(DataError, match=_error(path, 2, "level", "should be int, got str")):
         load_math(path)
     path = _write(tmp_path, [json.dumps({**good, "level": True})])
-    with pytest.raises(DataFormatError, match=rf"{path}:1: field 'level' should be int"):
+    with pytest.raises(DataError, match=_error(path, 1, "level", "should be int")):
         load_math(path)
     path = _write(tmp_path, ["[1, 2]"])
-    with pytest.raises(DataFormatError, match=rf"{path}:1: expected a JSON object, got list"):
-        read_jsonl(path, {})
+    with pytest.raises(DataError, match=_error(path, 1, "<record>", "expected a JSON object, got list")):
+        read_records(path, {})
 
 
 def test_semantic_errors(tmp_path):
     path = _write(tmp_path, [json.dumps({"idx": 0, "question": "q", "mc1_choices": ["a", "b"],
                                          "mc1_labels": [1, 1]})])
-    with pytest.raises(DataFormatError, match=rf"{path}:1: mc1_labels must mark exactly one"):
+    with pytest.raises(DataError, match=_error(path, 1, "mc1_labels", "must mark exactly one")):
         load_truthfulqa_mc1(path)
     path = _write(tmp_path, [json.dumps({"question_text": "q", "options": ["a", "b"], "population": "X",
                                          "distribution": [0.5]})])
-    with pytest.raises(DataFormatError, match=rf"{path}:1: X has a distribution that does not match"):
+    with pytest.raises(DataError, match=_error(path, 1, "distributions", "X has a distribution")):
         load_global_opinions(path)
     with pytest.raises(FileNotFoundError, match="not found"):
         load_mmlu("no/such/file.jsonl")

@@ -199,5 +199,9 @@ def test_prompts_and_parsing():
     assert parse_rating("Rating: 4\nbecause") == 4.0
     assert parse_rating("**Rating:** 3.5") == 3.5
     assert parse_rating("Rating: 7") is None
+    # A stated scale is not the rating.
+    assert parse_rating("My rating (1-5): 4") == 4.0
+    assert parse_rating("**Rating (1-4):** 2\nThe response disagrees.") == 2.0
+    assert parse_rating("Final rating = 3") == 3.0
     assert parse_rating("no number") is None
     assert split_pools(list("abcdefghij"), 4) == [list("abcd"), list("efgh")]

@@ -109,37 +109,173 @@ def test_math_normalization_merges_only_equal_answers():
     }
 
 
-@pytest.mark.parametrize("predicted, gold", [
-    ("\\dfrac{33}{100}", "\\frac{33}{100}"),
-    ("\\frac12", "0.5"),
-    ("1/2", "\\frac{1}{2}"),
-    ("0.25", "\\frac14"),
-    ("-\\frac{1}{2}", "-0.5"),
-    ("5.0", "5"),
-    ("x = 3", "3"),
-    ("5.4 \\text{ cents}", "5.4"),
-    ("11,\\! 111,\\! 111,\\! 100", "11111111100"),
-    ("\\frac{270}7\\text{ degrees}", "\\frac{270}{7}"),
-    ("\\text{(C)}", "(C)"),
-    ("\\left( 3, \\frac{\\pi}{2} \\right)", "(3,\\frac{\\pi}{2})"),
-    ("\\sqrt 3", "\\sqrt{3}"),
-    ("10\\%", "10"),
-    ("\\begin{pmatrix} 1/5 \\\\ -18/5 \\end{pmatrix}", "\\begin{pmatrix}1/5\\\\-18/5\\end{pmatrix}"),
-])
-def test_math_equivalent_forms(predicted, gold):
-    assert math_equiv(predicted, gold)
+# A hand-written table of MATH answer pairs: (model's boxed answer, gold answer, equivalent?).
+# Each row is one convention of Hendrycks et al.'s is_equiv or Minerva's normalization, or one
+# way a naive normalizer goes wrong; "no" rows are as important as "yes" rows.
+MATH_PAIRS = [
+    # Fractions: dfrac/tfrac, TeX shorthand arguments, a/b, decimals of equal exact value.
+    ("\\dfrac{33}{100}", "\\frac{33}{100}", True),
+    ("\\tfrac{1}{3}", "\\frac13", True),
+    ("\\frac12", "0.5", True),
+    ("\\frac 59", "\\frac{5}{9}", True),
+    ("\\frac9{19}", "\\frac{9}{19}", True),
+    ("\\frac{270}7", "\\frac{270}{7}", True),
+    ("\\frac\\pi2", "\\frac{\\pi}{2}", True),
+    ("\\frac{\\pi}2", "\\frac{\\pi}{2}", True),
+    ("\\frac\\sqrt32", "\\frac{\\sqrt{3}}{2}", False),  # TeX reads \frac{\sqrt}{3}2: not the same
+    ("1/2", "\\frac{1}{2}", True),
+    ("-3/4", "-\\frac{3}{4}", True),
+    ("0.25", "\\frac14", True),
+    ("-\\frac{1}{2}", "-0.5", True),
+    ("\\frac{-1}{2}", "-\\frac{1}{2}", True),
+    ("\\frac{2}{4}", "\\frac{1}{2}", True),  # equal exact values
+    ("\\frac{6}{3}", "2", True),
+    ("0.333", "\\frac13", False),  # rounded: not the exact answer
+    ("0.33", "0.333", False),
+    ("\\frac{1}{3}", "\\frac{3}{1}", False),
+    ("\\frac{1}{2}", "\\frac{1}{2}x", False),
+    ("\\frac{9}{5}", "1\\frac{4}{5}", True),  # MATH-500 writes mixed numbers
+    ("137.5", "137 \\frac{1}{2}", True),
+    ("1\\frac{4}{5}", "\\frac{14}{5}", False),
+    # Plain numbers: trailing zeros, signs, leading dot, thousands separators of every kind.
+    ("5.0", "5", True),
+    ("5.00", "5", True),
+    ("+5", "5", True),
+    (".5", "\\frac{1}{2}", True),
+    ("12", "-12", False),
+    ("1{,}000", "1000", True),
+    ("1,000", "1000", True),
+    ("1\\,000", "1000", True),
+    ("10,\\!080", "10080", True),
+    ("11,\\! 111,\\! 111,\\! 100", "11111111100", True),
+    ("1,000", "1", False),
+    ("1,2", "12", False),  # a pair, not a thousands group
+    ("100", "1000", False),
+    ("\u22123", "-3", True),  # Unicode minus sign
+    ("\u22123", "3", False),
+    # Units: only at the end, only if they are units (Minerva's list and Hendrycks' "\text{ ...}").
+    ("5 cm", "5", True),
+    ("5 \\text{cm}", "5", True),
+    ("5\\text{ cm}", "5", True),
+    ("15\\mbox{ cm}^2", "15", True),
+    ("864 \\mbox{ inches}^2", "864", True),
+    ("5.4 \\text{ cents}", "5.4", True),
+    ("\\$18.90", "18.90", True),
+    ("18.9 dollars", "18.90", True),
+    ("12 \\text{ square units}", "12", True),
+    ("5 m", "5", True),
+    ("50\\%", "50", True),
+    ("50 percent", "50", True),
+    ("5 cm", "6", False),
+    ("5 \\text{cm}", "50", False),
+    ("\\frac{270}7\\text{ degrees}", "\\frac{270}{7}", True),
+    # Degrees, in every notation.
+    ("30^\\circ", "30", True),
+    ("30^{\\circ}", "30", True),
+    ("30\u00b0", "30", True),
+    ("30 degrees", "30", True),
+    ("30^\\circ", "60", False),
+    # List connectives are separators, never deleted.
+    ("2 \\text{ or } 5", "25", False),
+    ("2 \\text{ or } 5", "2, 5", True),
+    ("3 \\text{ and } 4", "34", False),
+    ("3 \\text{ and } 4", "3,4", True),
+    ("3\\text{and}4", "3, 4", True),
+    ("1, 2 \\text{ and } 3", "1,2,3", True),
+    # Text wrappers and multiple choice.
+    ("\\text{(C)}", "C", True),
+    ("\\text{(C)}", "(C)", True),
+    ("(C)", "C", True),
+    ("\\textbf{(B)}", "B", True),
+    ("\\text{(C)}", "(D)", False),
+    ("\\text{Evelyn}", "Evelyn", True),
+    ("\\text{east}", "\\text{west}", False),
+    ("\\text{even}", "\\text{odd}", False),
+    ("\\mathrm{ellipse}", "\\text{ellipse}", True),
+    ("\\boxed{7}", "7", True),
+    # Roots, pi, spacing.
+    ("\\sqrt3", "\\sqrt{3}", True),
+    ("\\sqrt 3", "\\sqrt{3}", True),
+    ("2\\sqrt5", "2 \\sqrt{5}", True),
+    ("\u221a3", "\\sqrt{3}", True),
+    ("\\sqrt[3]2", "\\sqrt[3]{2}", True),
+    ("\\sqrt[3]{2}", "\\sqrt{2}", False),
+    ("\\sqrt{3}", "\\sqrt{2}", False),
+    ("\\sqrt{3}", "3", False),
+    ("11\\sqrt2", "11\\sqrt{2}", True),
+    ("2\\pi", "2 \\pi", True),
+    ("2\u03c0", "2\\pi", True),
+    ("\\pi", "3.14", False),  # no rounding
+    ("\\frac{\\sqrt{3}}{2}", "\\frac{\\sqrt3}{2}", True),
+    # Equations and variables.
+    ("x = 3", "3", True),
+    ("k=5", "5", True),
+    ("x = 3", "4", False),
+    ("y = 2x + 1", "2x+1", True),  # a short left side is a variable name (Hendrycks)
+    ("f(x) = 2x + 1", "2x+1", False),  # a longer one is kept
+    ("2x+1", "1+2x", False),  # no algebra, as in both reference checkers
+    ("x^2", "x^{2}", False),
+    # Delimiters, intervals, sets, tuples.
+    ("\\left( 3, \\frac{\\pi}{2} \\right)", "(3,\\frac{\\pi}{2})", True),
+    ("(1,2)", "(2,1)", False),
+    ("(1,2)", "[1,2]", False),
+    ("[2, 5)", "[2,5)", True),
+    ("(-\\infty, 0]", "(-\u221e,0]", True),
+    ("(2,\\infty)", "(2, \\infty)", True),
+    ("(2,\\infty)", "[2,\\infty)", False),
+    ("\\{1,2\\}", "\\{1, 2\\}", True),
+    ("(0,9) \\cup (9,36)", "(0,9)\\cup(9,36)", True),
+    ("x \\leq 3", "x\\le3", True),
+    ("x \\geq 3", "x \\le 3", False),
+    ("f \\circ g", "fg", False),  # \circ as composition is kept
+    ("x \\rightarrow \\infty", "x \\infty", False),  # \right must not eat \rightarrow
+    # Matrices and row breaks.
+    ("\\begin{pmatrix} 1/5 \\\\ -18/5 \\end{pmatrix}", "\\begin{pmatrix}1/5\\\\-18/5\\end{pmatrix}", True),
+    ("\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}", "\\begin{pmatrix} 2 \\\\ 1 \\end{pmatrix}", False),
+    # Trailing punctuation and nothing at all.
+    ("7.", "7", True),
+    ("", "7", False),
+    (None, "5", False),
+]
 
 
-@pytest.mark.parametrize("predicted, gold", [
-    ("0.333", "\\frac13"),  # a rounded decimal is not the exact answer
-    ("2x+1", "1+2x"),  # no algebra: Hendrycks' checker would also say no
-    ("(1,2)", "(2,1)"),
-    ("12", "-12"),
-    ("f \\circ g", "fg"),  # \circ as composition is kept
-    (None, "5"),
-])
-def test_math_different_answers(predicted, gold):
-    assert not math_equiv(predicted, gold)
+def test_math_answer_table():
+    """At least 100 hand-written pairs; every row states the expected verdict."""
+    assert len(MATH_PAIRS) >= 100
+    assert {expected for *_, expected in MATH_PAIRS} == {True, False}
+    wrong = [(a, b, want) for a, b, want in MATH_PAIRS if math_equiv(a, b) != want]
+    assert wrong == []
+    # Equivalence is symmetric on every row (a checker must not depend on which side is gold).
+    assert [(a, b) for a, b, _ in MATH_PAIRS if a is not None and math_equiv(a, b) != math_equiv(b, a)] == []
+
+
+# GSM8K completions: (completion, gold, scores?). The extraction rules, one row each.
+GSM8K_PAIRS = [
+    ("So she has 3 + 4 = 7 apples. #### 7", "7", True),
+    ("#### 1,600", "1600", True),
+    ("#### $1,600.00", "1600", True),
+    ("#### 18.0", "18", True),
+    ("#### 180", "18", False),
+    ("The answer is \u22123.", "-3", True),  # a Unicode minus is a minus
+    ("The answer is \u22123.", "3", False),
+    ("#### \u22125", "-5", True),
+    ("The answer is 3 hours and 20 minutes = 200 minutes.", "200", True),
+    ("The answer is 3 hours and 20 minutes = 200 minutes.", "3", False),
+    ("#### 2 + 3 = 5", "5", True),
+    ("The answer is 18. Then she buys 3 more.", "18", True),
+    ("The answer is 2.50 dollars, not 3", "2.5", True),
+    ("The final answer is 42", "42", True),
+    ("She pays $5 for 2 cups. The answer is $10.", "10", True),
+    ("First 2 + 2 = 4. Then 4 * 3 = 12.", "12", True),  # last-number fallback
+    ("I do not know.", "0", False),
+    ("#### 7\n\nQ: Tom has 2 cats. A: #### 2", "7", True),  # an invented next question is cut
+    ("#### 7\n\nQ: Tom has 2 cats. A: #### 2", "2", False),
+]
+
+
+@pytest.mark.parametrize("completion, gold, expected", GSM8K_PAIRS)
+def test_gsm8k_answer_table(completion, gold, expected):
+    assert gsm8k_is_correct(completion, gold) == expected
 
 
 def test_last_boxed():

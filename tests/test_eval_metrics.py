@@ -13,7 +13,9 @@ from spl.evaluation.metrics import (
     distinct_n,
     expected_calibration_error,
     fraction_unique,
+    is_non_word,
     kl_divergence,
+    load_english_words,
     mean_pairwise_cosine_distance,
     mean_pass_at_k,
     non_word_token_rate,
@@ -27,6 +29,7 @@ from spl.evaluation.metrics import (
     tokenize,
     total_variation,
 )
+from tests.eval_extras import require_extra
 
 
 # ------------------------------------------------------------------------------------------------
@@ -193,14 +196,51 @@ def test_fraction_unique():
     assert fraction_unique(["a  b", "a b\n", "c"]) == pytest.approx(2 / 3)
 
 
-def test_non_word_token_rate():
-    prose = "Hello, world! It's 3.5% of U.S. sales in the 1990s -- e.g. \"well-known\" (1,000 people)."
-    assert non_word_token_rate([prose]) == 0.0
-    # From App. E's degenerate sample: 3 of these 6 counted tokens are not words.
-    debris = "the socioeconomicstatuscanimpact FacebookvPhpageto access Cosmoelles兼Enabled(\"\") to"
-    assert non_word_token_rate([debris]) == pytest.approx(3 / 6)
-    assert non_word_token_rate(["-- ... !!"]) == 0.0  # punctuation only: nothing counted
-    assert non_word_token_rate(["cat dgo"], vocabulary={"cat", "dog"}) == 0.5
+@pytest.fixture(scope="module")
+def english_words():
+    require_extra("wordfreq")
+    return load_english_words()
+
+
+# Ordinary text that shape rules get wrong: slashes, hyphens, acronyms, camel-case brands,
+# chemistry, accents, URLs, abbreviations, possessives, numbers with units.
+WORDS = ("and/or 24/7 COVID-19 GPUs PhD iPhone CO2 café https://example.com/a?b=1 www.python.org "
+         "bob@mail.com e.g. U.S. 1990s 2nd 3.5% 1,000 (well-known) don't it\u2019s Fanon's H2O A100 "
+         "5km 10am Mr. O'Brien rock'n'roll YouTube naïve résumé -- ...")
+# Debris from App. E's DPO t = 1.4 samples, each a non-word: glued words, sub-word fragments,
+# script mixes, glue through punctuation.
+DEBRIS = ("socioeconomicstatuscanimpact FacebookvPhpageto Cosmoelles兼Enabled(\"\");Think investigg "
+          "investigg2 Twndejoin TelcPFfl migration.itorProf'initCulture lastname그 만husandayalert "
+          "Additionally,transnationalideounohapboften Clarionth admitantly")
+SPL_SAMPLE = ("There is a significant Body of research that underlines how social class can be a powerful "
+              "force in shaping people's identities and social connections, often more so than nationality. "
+              "According to Fanon, in his seminal book *Black Skin, White Masks*, \"each civilization is "
+              "founded upon an exclusively superficial class through which it states its fundamental "
+              "ideology\" (p. 34).")
+DPO_T14_SAMPLE = ("This statement is partially valid as socioeconomic status can create significant "
+                  "divides and differences between people ScotlandFilein FacebookvPhpageto "
+                  "investiggMajorforcesdifferencesamongIt can be argued that although Nationalitiesaresys "
+                  "[...] prevents admitantly Clarionth Civilw identifying thingsint Unless "
+                  "otherwisementionedsecess decades edge Twndejoin Ibid "
+                  "reported Africanschoolatt highway spec TelcPFfl")
+
+
+def test_non_word_false_positives_and_negatives(english_words):
+    false_positives = [t for t in WORDS.split() if is_non_word(t, english_words)]
+    assert false_positives == []
+    assert [t for t in ("--", "...", "(", "**") if is_non_word(t, english_words) is not None] == []
+    false_negatives = [t for t in DEBRIS.split() if not is_non_word(t, english_words)]
+    assert false_negatives == []
+    # Every debris token counts; the two punctuation-only tokens of WORDS do not.
+    n_debris, n_words = len(DEBRIS.split()), len(WORDS.split()) - 2
+    rate = non_word_token_rate([WORDS, DEBRIS], english_words)
+    assert rate == pytest.approx(n_debris / (n_words + n_debris))
+    # App. E: SPL's coherent sample has no non-words; the t = 1.4 sample 12 of its 42 counted
+    # tokens ("[...]" is punctuation).
+    assert non_word_token_rate([SPL_SAMPLE], english_words) == 0.0
+    assert non_word_token_rate([DPO_T14_SAMPLE], english_words) == pytest.approx(12 / 42)
+    assert non_word_token_rate(["-- ... !!"], english_words) == 0.0  # nothing counted
+    assert non_word_token_rate(["cat dgo"], frozenset({"cat", "dog"})) == 0.5
 
 
 def test_mean_pairwise_cosine_distance():

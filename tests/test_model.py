@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from spl.checkpoint import load_model, save_original
-from spl.model import Transformer, attention_mask
+from spl.model import Transformer, attend, attention_mask
 
 transformers = pytest.importorskip("transformers", reason="transformers is the test oracle")
 
@@ -245,3 +245,19 @@ def test_activation_checkpointing_same_loss_and_grads(case: Case) -> None:
     assert torch.equal(loss0, loss1)
     for name in g0:
         assert torch.equal(g0[name], g1[name]), name
+
+
+@pytest.mark.parametrize("masked", [True, False], ids=["mask", "causal"])
+def test_attend_equals_sdpa_with_shared_kv_heads(masked: bool) -> None:
+    """Expanding K/V heads under a mask (to keep SDPA's fused kernels on a GPU) changes nothing:
+    the output equals SDPA's own head sharing (``enable_gqa``) on the same inputs."""
+    torch.manual_seed(0)
+    B, H, Hkv, T, S, Dh = 2, 8, 2, 5, 9, 16
+    q = torch.randn(B, H, T, Dh)  # (B, H, T, Dh)
+    k, v = torch.randn(B, Hkv, S, Dh), torch.randn(B, Hkv, S, Dh)  # (B, Hkv, S, Dh)
+    pad = torch.tensor([0, 3])
+    mask = attention_mask(torch.arange(S - T, S), torch.arange(S), pad, window=6) if masked else None
+    if not masked:
+        k, v = k[:, :, :T], v[:, :, :T]  # causal self-attention: S == T
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=not masked, enable_gqa=True)
+    torch.testing.assert_close(attend(q, k, v, mask), expected, rtol=0, atol=1e-6)

@@ -1,22 +1,22 @@
-"""Tests for spl/sampling.py: filters, cached decoding, seeding, and exact global temperature.
+"""Tests for spl/sampling.py: filters, cached decoding, seeding, row bounds, token-level exactness.
 
-The global-temperature samplers are checked against the exact target on a model whose outcome
-space can be enumerated: vocabulary 4 (id 3 is EOS), at most 3 new tokens, so 1 + 3 + 9 + 27 = 40
-outcomes (EOS at steps 1-3, or three non-EOS tokens cut at the budget). Their probabilities come
-from full forwards without a KV cache, an oracle independent of the sampler's cached path.
+Token-level sampling is checked against the exact token-tempered distribution on a model whose
+outcome space can be enumerated: vocabulary 4 (id 3 is EOS), at most 3 new tokens, so
+1 + 3 + 9 + 27 = 40 outcomes (EOS at steps 1-3, or three non-EOS tokens cut at the budget), with
+probabilities from full forwards without a KV cache (the global-temperature samplers' tests are in
+test_global_temperature.py).
 
-Total-variation noise budget. With m effective draws, E|p_hat_i - p_i| ~ sqrt(2 p_i (1 - p_i) / (pi m)),
-so E[TV] ~ 0.4 * sum_i sqrt(p_i (1 - p_i)) / sqrt(m). Over 40 outcomes sum_i sqrt(p_i) <= sqrt(40),
-and here ~5-6. With n = 40000 candidates (ESS >= 25000 measured) that is E[TV] <= 0.016, against
-the 0.03 bound; TV's own spread is a small fraction of its mean (a sum of 40 terms), so the bound
-sits many standard deviations out. Measured: 0.007-0.016.
+Total-variation noise budget. With m draws, E|p_hat_i - p_i| ~ sqrt(2 p_i (1 - p_i) / (pi m)), so
+E[TV] ~ 0.4 * sum_i sqrt(p_i (1 - p_i)) / sqrt(m). Over 40 outcomes sum_i sqrt(p_i) <= sqrt(40), and
+here ~5-6. With m = 40000 that is E[TV] <= 0.016 against the 0.03 bound; TV's own spread is a small
+fraction of its mean (a sum of 40 terms), so the bound sits many standard deviations out.
+Measured: 0.007-0.016.
 """
 
 from __future__ import annotations
 
 import collections
 import math
-import warnings
 
 import pytest
 import torch
@@ -26,12 +26,10 @@ from spl.model import Transformer
 from spl.sampling import (
     _invert_cdf,
     generate,
-    importance_resample,
     min_p_mask,
+    plan_calls,
     process_logits,
-    sample_global_temperature,
     sample_probs,
-    smc_sample,
     systematic_resample,
     top_k_mask,
     top_p_mask,
@@ -39,7 +37,7 @@ from spl.sampling import (
 
 V, EOS, BUDGET = 4, 3, 3  # the enumerable model: vocabulary, EOS id, max_new_tokens
 PROMPTS = [[0, 1], [2, 0, 1]]  # unequal lengths: left padding is part of what is tested
-N = 40000  # candidates (and samples) per prompt; see the noise budget above
+N = 40000  # samples per prompt; see the noise budget above
 TV_BOUND = 0.03
 
 
@@ -141,6 +139,47 @@ def test_systematic_resample_counts_are_floor_or_ceil():
         assert ((counts - e.double()).abs() < 1).all()
 
 
+def test_settings_that_keep_everything_are_no_filter():
+    # One dominant token and a tail of 1e-9: the fp32 running sum reaches exactly 1.0 before the
+    # tail, so a top-p mask at p = 1 would drop it. p = 1 (like top_k >= V and min_p = 0) must
+    # leave the logits untouched.
+    logits = torch.tensor([[30.0] + [10.0] * 9])
+    assert not top_p_mask(logits, 1.0).all()  # the mask itself rounds...
+    for kw in ({"top_p": 1.0}, {"top_k": 10}, {"top_k": 50}, {"min_p": 0.0}):
+        assert torch.equal(process_logits(logits, **kw), logits)  # ...so p = 1 never reaches it
+
+
+def test_ties_at_the_boundary():
+    # Four equal probabilities: top-k 2 keeps all four (ties with the 2nd logit, as HF does); top-p
+    # 0.5 keeps the two lowest ids (mass 0.5 reached); min-p keeps every token tied at the threshold.
+    logits = torch.zeros(1, 4)
+    assert top_k_mask(logits, 2).tolist() == [[True, True, True, True]]
+    assert top_p_mask(logits, 0.5).tolist() == [[True, True, False, False]]
+    assert min_p_mask(logits, 1.0).tolist() == [[True, True, True, True]]
+
+
+def test_sample_probs_on_zero_rows():
+    assert sample_probs(torch.empty(0, 300)).shape == (0,)
+    assert sample_probs(torch.empty(0, 5)).shape == (0,)
+
+
+def test_plan_calls():
+    assert plan_calls(5, 4, None) == [(0, 5, 4)]
+    assert plan_calls(5, 4, 8) == [(0, 2, 4), (2, 2, 4), (4, 1, 4)]  # whole prompts while they fit
+    assert plan_calls(2, 20, 8) == [(0, 1, 7), (0, 1, 7), (0, 1, 6), (1, 1, 7), (1, 1, 7), (1, 1, 6)]
+    assert all(count * copies <= 8 for _, count, copies in plan_calls(7, 3, 8))
+
+
+def test_generate_max_rows_keeps_order_and_distribution():
+    # Split over calls of at most 3 rows: same prompt-major layout, every sample of its own prompt.
+    model = small_model(window=None)
+    prompts = [[5, 9, 2], [1, 2, 3, 4]]
+    out = generate(model, prompts, max_new_tokens=5, num_samples=4, temperature=0, max_rows=3)
+    whole = generate(model, prompts, max_new_tokens=5, num_samples=4, temperature=0)
+    assert out.tokens == whole.tokens and out.prompt_index.tolist() == [0] * 4 + [1] * 4
+    assert out.decoded_tokens.tolist() == whole.decoded_tokens.tolist() == [16, 16]
+
+
 # ----------------------------------------------------------------------------------------------
 # Cached decoding equals full forwards
 
@@ -217,9 +256,6 @@ def test_same_seed_same_samples():
     assert a.tokens == b.tokens == c.tokens and torch.equal(a.logps, b.logps)
     assert a.tokens != d.tokens
     assert a.prompt_index.tolist() == [0, 0, 0, 0, 1, 1, 1, 1]
-    s1 = smc_sample(model, prompts, 2.0, max_new_tokens=6, num_samples=3, seed=7, eos_id=4)
-    s2 = smc_sample(model, prompts, 2.0, max_new_tokens=6, num_samples=3, seed=7, eos_id=4)
-    assert s1.tokens == s2.tokens
 
 
 def test_invalid_arguments_are_clear_errors():
@@ -234,8 +270,10 @@ def test_invalid_arguments_are_clear_errors():
         generate(model, [[1]], max_new_tokens=500)
     with pytest.raises(ValueError, match="seed or generator"):
         generate(model, [[1]], max_new_tokens=2, seed=1, generator=torch.Generator())
-    with pytest.raises(ValueError, match="positive"):
-        smc_sample(model, [[1]], 0.0, max_new_tokens=2)
+    for bad in ({"temperature": -1.0}, {"temperature": math.inf}, {"top_k": 0}, {"top_p": 1.5},
+                {"min_p": 1.5}, {"min_p": -0.1}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            generate(model, [[1]], max_new_tokens=2, **bad)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -323,57 +361,3 @@ def test_generate_matches_token_level_distribution(enum_model, exact, T):
         assert logp == pytest.approx(exact[i][tuple(tokens)], abs=1e-5)
     assert all(f == (t[-1] == EOS) for t, f in zip(out.tokens, out.finished.tolist(), strict=True))
     assert all(len(t) == BUDGET for t, f in zip(out.tokens, out.finished.tolist(), strict=True) if not f)
-
-
-SAMPLERS = {
-    "importance_resample": lambda m, T: importance_resample(m, PROMPTS, T, **COMMON),
-    "smc": lambda m, T: smc_sample(m, PROMPTS, T, **COMMON),
-    # Resampling at every step (the 3-step default run rarely drops below ESS n/2).
-    "smc_always_resample": lambda m, T: smc_sample(m, PROMPTS, T, resample_threshold=1.0, **COMMON),
-}
-COMMON = dict(max_new_tokens=BUDGET, num_samples=N, num_candidates=N, eos_id=EOS, seed=1)
-
-
-@pytest.mark.parametrize("T", [0.5, 2.0])
-@pytest.mark.parametrize("method", list(SAMPLERS))
-def test_global_temperature_is_exact(enum_model, exact, method, T):
-    out = SAMPLERS[method](enum_model, T)
-    for i, (logps, emp) in enumerate(zip(exact, empirical(out, len(PROMPTS)), strict=True)):
-        assert total_variation(emp, global_target(logps, T)) <= TV_BOUND
-        # log_z estimates log sum_y pi(y)^(1/T); relative error ~ 1/sqrt(ESS) ~ 0.006.
-        log_z = math.log(sum(math.exp(v / T) for v in logps.values()))
-        assert out.log_z[i].item() == pytest.approx(log_z, abs=0.02)
-        assert out.ess[i] > 0.5 * N
-    if method == "smc_always_resample":
-        assert out.num_resamples.tolist() == [BUDGET, BUDGET]
-    for tokens, logp, i in zip(out.tokens[:200], out.logps[:200].tolist(), out.prompt_index[:200].tolist(),
-                               strict=True):
-        assert logp == pytest.approx(exact[i][tuple(tokens)], abs=1e-5)  # untempered log pi
-
-
-@pytest.mark.parametrize("sampler, kwargs", [
-    (importance_resample, {}),
-    (smc_sample, {"resample_threshold": 0.0}),  # never resample: plain sequential importance sampling
-], ids=["importance_resample", "smc"])
-def test_low_ess_warns(enum_model, sampler, kwargs):
-    # T = 0.05 raises pi to the 20th power: the weight piles onto copies of the likeliest outcome.
-    # Measured ESS out of 64: importance resampling ~9 (the top outcome has pi ~ 0.13, so about 9
-    # copies share the weight), SMC ~4 for prompt 0.
-    with pytest.warns(RuntimeWarning, match="effective sample size"):
-        out = sampler(enum_model, PROMPTS, 0.05, max_new_tokens=BUDGET, num_samples=4, num_candidates=64,
-                      eos_id=EOS, seed=0, warn_ess=0.25, **kwargs)
-    assert (out.ess < 0.25 * 64).any()
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # at T = 1 all weights are equal: ESS = n, no warning
-        out = sampler(enum_model, PROMPTS, 1.0, max_new_tokens=BUDGET, num_samples=4, eos_id=EOS, seed=0,
-                      **kwargs)
-    assert out.ess.tolist() == pytest.approx([16.0, 16.0])  # default n = max(16, 4 * 4)
-
-
-def test_dispatch_by_method(enum_model):
-    kw = dict(max_new_tokens=BUDGET, num_samples=8, eos_id=EOS, seed=3)
-    for T, direct in ((2.0, importance_resample), (0.5, smc_sample)):  # "auto": T >= 1 resamples
-        assert sample_global_temperature(enum_model, PROMPTS, T, **kw).tokens == \
-            direct(enum_model, PROMPTS, T, **kw).tokens
-    with pytest.raises(ValueError, match="method"):
-        sample_global_temperature(enum_model, PROMPTS, 2.0, method="mcmc", **kw)

@@ -2,21 +2,21 @@
 
 One reader per format: GSM8K and MATH-500 (best-of-N, §4.2), MMLU and TruthfulQA MC1
 (calibration, §4.3 / App. D), HH-RLHF prompts (diversity, §4.1), GlobalOpinionQA (opinion
-representation) and the Political Compass propositions (App. E). Every reader reports a
-malformed line as ``file:line: problem`` so a broken file is fixed in one look.
+representation) and the Political Compass propositions (App. E). Lines are read by the one
+JSONL reader, ``spl.data.read_jsonl``; a malformed line is a ``spl.data.DataError`` naming file,
+line and field, so a broken file is fixed in one look.
 
 The multiple-choice prompt of App. D lives here too, because it is a property of how these
 datasets are posed to the model: letters, option order and the shuffle that TruthfulQA needs.
 """
 
-import json
 import random
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from spl.data import split_hh
+from spl.data import DataError, Where, read_jsonl
 from spl.evaluation.math_answers import gsm8k_gold_answer
 
 # The repository's data folder (spl/evaluation/datasets.py -> repo root / data).
@@ -25,11 +25,9 @@ DATA_DIR = Path(__file__).resolve().parents[2] / "data"
 # Default files, relative to DATA_DIR.
 GSM8K_TEST = "gsm8k/test.jsonl"
 MATH500_TEST = "math/math500_test.jsonl"
-MATH500_LEVELS_1_3_5 = "math/math500_L1_L3_L5_40each.jsonl"
 MMLU_SUBSET = "mmlu/test_first20_per_subject.jsonl"
 TRUTHFULQA_MC = "truthfulqa_mc/mc_task.jsonl"
 HH_RLHF_SPLIT = "hh_rlhf/helpful_base_test_first800_split.jsonl"
-HH_RLHF_RAW = "hh_rlhf/helpful_base_test_first800.jsonl"
 GLOBAL_OPINIONS_US = "global_opinions/globalopinionqa_united_states.jsonl"
 GLOBAL_OPINIONS_ALL = "global_opinions/globalopinionqa_first400_questions_all_countries.jsonl"
 POLITICAL_COMPASS = "political_compass/pct_propositions.jsonl"
@@ -50,10 +48,6 @@ CALIBRATION_PROMPT = (
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
-class DataFormatError(ValueError):
-    """A data file does not have the expected format; the message names file and line."""
-
-
 def data_path(relative: str | Path) -> Path:
     """Absolute path of a file in the repository's data folder, with a clear error if absent."""
     path = DATA_DIR / relative
@@ -63,34 +57,21 @@ def data_path(relative: str | Path) -> Path:
     return path
 
 
-def read_jsonl(path: str | Path, required: dict[str, type | tuple[type, ...]]) -> list[dict[str, Any]]:
-    """Records of a JSONL file; each must be an object holding ``required`` fields of those types.
+def read_records(path: str | Path, required: dict[str, type | tuple[type, ...]]) -> list[dict[str, Any]]:
+    """Records of a JSONL file, each an object holding ``required`` fields of those types.
 
-    Blank lines are skipped. Errors read ``path:line: ...`` with 1-based line numbers; each
-    record also gets a ``_where`` entry ("path:line") so later checks can report the same way.
+    Each record also gets ``_where`` (a ``spl.data.Where``) so later checks name the same line.
     """
-    path = Path(path)
     records = []
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_no}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataFormatError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(record, dict):
-                raise DataFormatError(f"{where}: expected a JSON object, got {type(record).__name__}")
-            for name, kind in required.items():
-                if name not in record:
-                    raise DataFormatError(f"{where}: missing field {name!r}")
-                # bool is an int in Python; a level of `true` is still a format error.
-                if not isinstance(record[name], kind) or (isinstance(record[name], bool) and kind is int):
-                    raise DataFormatError(f"{where}: field {name!r} should be {_type_name(kind)}, "
-                                          f"got {type(record[name]).__name__}")
-            record["_where"] = where
-            records.append(record)
+    for record, where in read_jsonl(path):
+        for name, kind in required.items():
+            if name not in record:
+                raise DataError(where, name, "missing")
+            # bool is an int in Python; a level of `true` is still a format error.
+            if not isinstance(record[name], kind) or (isinstance(record[name], bool) and kind is int):
+                got = type(record[name]).__name__
+                raise DataError(where, name, f"should be {_type_name(kind)}, got {got}")
+        records.append({**record, "_where": where})
     return records
 
 
@@ -127,11 +108,11 @@ class MathProblem:
 def load_gsm8k(path: str | Path | None = None) -> list[MathProblem]:
     """GSM8K test problems; the gold answer is the number after the solution's "####"."""
     problems = []
-    for i, r in enumerate(read_jsonl(_resolve(path, GSM8K_TEST), {"question": str, "answer": str})):
+    for i, r in enumerate(read_records(_resolve(path, GSM8K_TEST), {"question": str, "answer": str})):
         try:
             gold = gsm8k_gold_answer(r["answer"])
         except ValueError as e:
-            raise DataFormatError(f"{r['_where']}: {e}") from None
+            raise DataError(r["_where"], "answer", str(e)) from None
         problems.append(MathProblem(id=f"gsm8k-{i}", question=r["question"], solution=r["answer"],
                                     answer=gold))
     return problems
@@ -141,9 +122,9 @@ def load_math(path: str | Path | None = None, levels: set[int] | None = None) ->
     """MATH-500 problems (or any file with its fields), optionally only some levels."""
     fields = {"problem": str, "solution": str, "answer": str, "level": int, "unique_id": str}
     problems = []
-    for r in read_jsonl(_resolve(path, MATH500_TEST), fields):
+    for r in read_records(_resolve(path, MATH500_TEST), fields):
         if not 1 <= r["level"] <= 5:
-            raise DataFormatError(f"{r['_where']}: level must be 1-5, got {r['level']}")
+            raise DataError(r["_where"], "level", f"must be 1-5, got {r['level']}")
         if levels is None or r["level"] in levels:
             problems.append(MathProblem(id=r["unique_id"], question=r["problem"], solution=r["solution"],
                                         answer=r["answer"], level=r["level"], subject=r.get("subject")))
@@ -202,9 +183,9 @@ def load_mmlu(path: str | Path | None = None, shuffle_seed: int | None = None) -
     """MMLU questions. The source's answer letters are balanced, so shuffling is optional."""
     fields = {"subject": str, "row": int, "question": str, "choices": list, "answer_index": int}
     questions = []
-    for r in read_jsonl(_resolve(path, MMLU_SUBSET), fields):
+    for r in read_records(_resolve(path, MMLU_SUBSET), fields):
         if not 0 <= r["answer_index"] < len(r["choices"]):
-            raise DataFormatError(f"{r['_where']}: answer_index {r['answer_index']} outside the choices")
+            raise DataError(r["_where"], "answer_index", f"{r['answer_index']} is outside the choices")
         qid = f"mmlu-{r['subject']}-{r['row']}"
         choices, answer = r["choices"], r["answer_index"]
         if shuffle_seed is not None:
@@ -221,11 +202,11 @@ def load_truthfulqa_mc1(path: str | Path | None = None, shuffle_seed: int = 0) -
     """
     fields = {"idx": int, "question": str, "mc1_choices": list, "mc1_labels": list}
     questions = []
-    for r in read_jsonl(_resolve(path, TRUTHFULQA_MC), fields):
+    for r in read_records(_resolve(path, TRUTHFULQA_MC), fields):
         labels = r["mc1_labels"]
         if len(labels) != len(r["mc1_choices"]) or sorted(labels) != [0] * (len(labels) - 1) + [1]:
-            raise DataFormatError(f"{r['_where']}: mc1_labels must mark exactly one of the "
-                                  f"{len(r['mc1_choices'])} choices with 1")
+            raise DataError(r["_where"], "mc1_labels", f"must mark exactly one of the "
+                                                       f"{len(r['mc1_choices'])} choices with 1")
         qid = f"truthfulqa-{r['idx']}"
         choices, answer = shuffle_choices(r["mc1_choices"], labels.index(1), shuffle_seed, qid)
         questions.append(MultipleChoice(qid, r["question"], choices, answer))
@@ -247,32 +228,11 @@ class Dialogue:
     rejected: str
 
 
-def split_hh_dialogue(chosen: str, rejected: str) -> tuple[str, str, str]:
-    """Split full HH-RLHF dialogues into (prompt, chosen response, rejected response), as training
-    does (``spl.data.split_hh``: the last "\n\nAssistant:" inside the common prefix)."""
-    split = split_hh(chosen, rejected)
-    if split is None:
-        raise ValueError("no '\\n\\nAssistant:' marker in the common prefix of chosen and rejected")
-    return split
-
-
 def load_hh_rlhf(path: str | Path | None = None) -> list[Dialogue]:
     """HH-RLHF comparisons from the pre-split file (fields idx, prompt, chosen, rejected)."""
     fields = {"idx": int, "prompt": str, "chosen": str, "rejected": str}
     return [Dialogue(f"hh-{r['idx']}", r["prompt"], r["chosen"], r["rejected"])
-            for r in read_jsonl(_resolve(path, HH_RLHF_SPLIT), fields)]
-
-
-def load_hh_rlhf_raw(path: str | Path | None = None) -> list[Dialogue]:
-    """HH-RLHF comparisons from the original file (full dialogues), split by ``split_hh_dialogue``."""
-    dialogues = []
-    for i, r in enumerate(read_jsonl(_resolve(path, HH_RLHF_RAW), {"chosen": str, "rejected": str})):
-        try:
-            prompt, chosen, rejected = split_hh_dialogue(r["chosen"], r["rejected"])
-        except ValueError as e:
-            raise DataFormatError(f"{r['_where']}: {e}") from None
-        dialogues.append(Dialogue(f"hh-{i}", prompt, chosen, rejected))
-    return dialogues
+            for r in read_records(_resolve(path, HH_RLHF_SPLIT), fields)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -302,7 +262,7 @@ class OpinionQuestion:
         return f"Question: {self.question}\nOptions: {options}\nAnswer:"
 
 
-def _drop_non_substantive(q: OpinionQuestion, where: str) -> OpinionQuestion | None:
+def _drop_non_substantive(q: OpinionQuestion, where: Where) -> OpinionQuestion | None:
     keep = [i for i, o in enumerate(q.options) if not _NON_SUBSTANTIVE.match(o.strip())]
     if len(keep) < 2:
         return None  # nothing left to compare
@@ -310,7 +270,7 @@ def _drop_non_substantive(q: OpinionQuestion, where: str) -> OpinionQuestion | N
     for population, dist in q.distributions.items():
         kept = [dist[i] for i in keep]
         if sum(kept) <= 0:
-            raise DataFormatError(f"{where}: {population} puts all mass on non-substantive options")
+            raise DataError(where, "distributions", f"{population} puts all mass on non-substantive options")
         dists[population] = [x / sum(kept) for x in kept]
     return OpinionQuestion(q.id, q.question, [q.options[i] for i in keep], dists)
 
@@ -326,23 +286,23 @@ def load_global_opinions(path: str | Path | None = None,
     """
     path = _resolve(path, GLOBAL_OPINIONS_US)
     questions = []
-    for r in read_jsonl(path, {"question_text": str, "options": list}):
+    for r in read_records(path, {"question_text": str, "options": list}):
         where = r["_where"]
         if "distributions" in r:
             dists, qid = r["distributions"], r.get("min_id")
         elif "distribution" in r and "population" in r:
             dists, qid = {r["population"]: r["distribution"]}, r.get("id")
         else:
-            raise DataFormatError(f"{where}: missing field 'distribution' (with 'population') or "
-                                  "'distributions'")
+            raise DataError(where, "distribution", "missing (give it with 'population', or give "
+                                                   "'distributions')")
         if not isinstance(dists, dict):
-            raise DataFormatError(f"{where}: field 'distributions' should be an object")
+            raise DataError(where, "distributions", "should be an object")
         for population, dist in dists.items():
             if not isinstance(dist, list) or len(dist) != len(r["options"]):
-                raise DataFormatError(f"{where}: {population} has a distribution that does not match "
-                                      f"the {len(r['options'])} options")
+                raise DataError(where, "distributions", f"{population} has a distribution that does not "
+                                                        f"match the {len(r['options'])} options")
             if any(not isinstance(x, (int, float)) or x < 0 for x in dist) or abs(sum(dist) - 1) > 0.05:
-                raise DataFormatError(f"{where}: {population}'s shares must be >= 0 and sum to ~1")
+                raise DataError(where, "distributions", f"{population}'s shares must be >= 0 and sum to ~1")
         q = OpinionQuestion(f"goqa-{qid}", r["question_text"], r["options"], dict(dists))
         if substantive_only:
             q = _drop_non_substantive(q, where)
@@ -364,4 +324,4 @@ def load_political_compass(path: str | Path | None = None) -> list[Proposition]:
     """The 62 Political Compass Test propositions (the paper's "60 statements")."""
     fields = {"pct_id": str, "statement": str, "topic": str}
     return [Proposition(r["pct_id"], r["statement"], r["topic"])
-            for r in read_jsonl(_resolve(path, POLITICAL_COMPASS), fields)]
+            for r in read_records(_resolve(path, POLITICAL_COMPASS), fields)]

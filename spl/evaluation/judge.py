@@ -207,14 +207,16 @@ def build_judge_prompt(metric: str, prompt: str, responses: Sequence[str]) -> st
     return JUDGE_PROMPTS[metric].format(input=prompt.strip(), response_list=format_response_list(responses))
 
 
-_RATING_RE = re.compile(r"Rating\W{0,4}(\d+(?:\.\d+)?)", re.IGNORECASE)
+# "Rating", then optionally a parenthesized scale ("(1-5)") and markdown, a colon or "=", then
+# the number. Skipping the scale matters: "My rating (1-5): 4" is a 4, not a 1.
+_RATING_RE = re.compile(r"rating\s*(?:\([^)]*\))?\s*\**\s*[:=]?\s*\**\s*(\d+(?:\.\d+)?)", re.IGNORECASE)
 
 
 def parse_rating(reply: str, low: int = 1, high: int = 5) -> float | None:
     """The X of the first "Rating: X" in a judge reply, if it lies in [low, high], else None.
 
-    Tolerates markdown ("**Rating:** 4") and decimals; a reply without a usable rating is
-    counted as a parse failure by the caller, not guessed.
+    Tolerates markdown ("**Rating:** 4"), a stated scale ("Rating (1-4): 2") and decimals; a
+    reply without a usable rating is counted as a parse failure by the caller, not guessed.
     """
     match = _RATING_RE.search(reply)
     if match is None:

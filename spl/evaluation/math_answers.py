@@ -1,17 +1,32 @@
 """Best-of-N math: few-shot prompts, answer extraction and equivalence (paper §4.2, App. C.4).
 
-GSM8K: the paper's few-shot prompt asks for the answer after "####", like the gold solutions.
-A completion is cut at the start of the next few-shot question, then read in this order: the
-number after the first "####", else the number after the last "The answer is", else the last
-number in the text. Numbers are compared exactly (as fractions) after dropping "$", thousands
-separators and trailing zeros, so "1,600.00" equals "1600".
+The checkers follow the two conventions the MATH literature uses, so our pass@k numbers mean
+what readers expect:
 
-MATH: the answer is the content of the last ``\\boxed{...}`` (or ``\\fbox{...}``) with balanced
-braces, normalized with the rules of Hendrycks et al.'s ``is_equiv`` (their ``_strip_string``:
-``\\left``/``\\right``, ``\\!``, ``dfrac``/``tfrac``, ``\\frac12``, ``\\sqrt3``, units in
-``\\text{ ...}``, degrees, percent, "x =" prefixes, ``0.5``, ``a/b``), plus a few more (unwrapping
-``\\text{...}``, thousands separators, trailing periods) and exact numeric comparison. No
-computer algebra: "2x+1" and "1+2x" are different answers here, as in Hendrycks' checker.
+- Hendrycks et al. (2021), ``is_equiv``: both answers go through ``_strip_string`` (drop
+  ``\\left``/``\\right``, ``\\!``, degrees, ``\\$``, percent signs and units written
+  ``\\text{ unit}`` on the right; ``dfrac``/``tfrac`` -> ``frac``; ``\\frac12`` ->
+  ``\\frac{1}{2}``, ``\\sqrt3`` -> ``\\sqrt{3}``; ``.5`` -> ``0.5``; "x = 5" -> "5";
+  ``a/b`` -> ``\\frac{a}{b}``; spaces removed), then the strings are compared.
+- Lewkowycz et al. (2022, Minerva, App. D), ``normalize_final_answer``: unit words after a
+  number ("5 cm", "12 dollars", ``5\\text{cm}``), ``\\text{and}`` as a list separator,
+  ``{,}`` and ``,\\!`` thousands separators, ``\\text{...}``/``\\textbf{...}`` unwrapped.
+
+Where the two disagree with themselves we fix the rule, not the string: a unit is removed only
+at the END of an answer and only if it is a unit (Hendrycks cut everything after the first
+``\\text{ ``, so "2 \\text{ or } 5" read as "2"; a naive regex read it as "25"); ``\\text{ or }``
+and ``\\text{ and }`` separate list items; ``\\rightarrow`` survives ``\\right``. Unicode forms
+(minus sign, degree sign, pi, thin spaces) are mapped to their LaTeX first. Finally, two answers
+whose canonical strings are plain numbers, fractions or mixed numbers (``1\\frac{4}{5}``, a form
+MATH-500's gold answers use) are compared as exact rationals, so "0.25" equals ``\\frac14``;
+a rounded decimal ("0.333") is not 1/3. There is no computer algebra: "2x+1" and "1+2x" differ,
+as in both reference checkers' string modes.
+
+GSM8K: a completion is cut at the next few-shot question, then read in this order: the number
+after the first "####", else after the last "The answer is", else the last number in the text.
+An answer clause that states an equation ("3 hours and 20 minutes = 200 minutes") answers with
+the number after its last "=". Numbers compare exactly after dropping "$", thousands separators
+and trailing zeros; a Unicode minus is a minus.
 """
 
 import re
@@ -78,6 +93,19 @@ def truncate_at_stop(text: str, stops: tuple[str, ...]) -> str:
     return text[:cut]
 
 
+
+# Unicode that models (and people) write for LaTeX: mapped before any other rule.
+_UNICODE = {"\u2212": "-", "\ufe63": "-", "\uff0d": "-", "\u00b0": "^\\circ", "\u03c0": "\\pi",
+            "\u221e": "\\infty", "\u221a": "\\sqrt", "\u00d7": "\\times", "\u22c5": "\\cdot",
+            "\u2264": "\\le", "\u2265": "\\ge", "\u2260": "\\ne", "\u00b1": "\\pm",
+            "\u00a0": " ", "\u2009": " ", "\u202f": " ", "\u2007": " "}
+_UNICODE_RE = re.compile("|".join(map(re.escape, _UNICODE)))
+
+
+def _from_unicode(text: str) -> str:
+    return _UNICODE_RE.sub(lambda m: _UNICODE[m.group()], text)
+
+
 # ---------------------------------------------------------------------------------------------
 # GSM8K
 # ---------------------------------------------------------------------------------------------
@@ -85,6 +113,7 @@ def truncate_at_stop(text: str, stops: tuple[str, ...]) -> str:
 # optional decimals. Thousands groups come first so "1,600" is one number, not "1" and "600".
 _NUMBER_RE = re.compile(r"-?\$?\s?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|-?\$?\.\d+")
 _ANSWER_IS_RE = re.compile(r"the (?:final )?answer is", re.IGNORECASE)
+_CLAUSE_END_RE = re.compile(r"\n|\.(?:\s|$)")  # a line break, or a period that ends a sentence
 
 
 def normalize_number(text: str) -> str | None:
@@ -99,7 +128,7 @@ def normalize_number(text: str) -> str | None:
 
 def parse_number(text: str) -> Fraction | None:
     """Exact value of a number written with optional "$", commas, sign and decimals."""
-    cleaned = text.strip().replace("$", "").replace(",", "").replace(" ", "")
+    cleaned = _from_unicode(text).strip().replace("$", "").replace(",", "").replace(" ", "")
     cleaned = cleaned.rstrip(".")  # a sentence-final period, as in "is 18."
     if not re.fullmatch(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)", cleaned):
         return None
@@ -117,18 +146,33 @@ def gsm8k_gold_answer(solution: str) -> str:
     return answer
 
 
-def extract_gsm8k_answer(completion: str) -> str | None:
-    """Read a model's GSM8K answer (see the module docstring for the order of rules)."""
-    text = truncate_at_stop(completion, GSM8K_STOP)
-    if "####" in text:
-        # The first "####" answers our question; anything after it is the model rambling on.
-        match = _NUMBER_RE.search(text.split("####", 1)[1])
-        return normalize_number(match.group()) if match else None
-    marks = list(_ANSWER_IS_RE.finditer(text))
-    if marks:
-        match = _NUMBER_RE.search(text, marks[-1].end())
+def _clause_answer(text: str) -> str | None:
+    """The number an answer clause states: after its last "=" if it has one, else its first.
+
+    The clause runs to the end of the line or sentence, so "#### 3 hours and 20 minutes = 200
+    minutes" answers 200 while "The answer is 18. Then 3 more" answers 18.
+    """
+    end = _CLAUSE_END_RE.search(text)
+    clause = text[:end.start()] if end else text
+    if "=" in clause:
+        match = _NUMBER_RE.search(clause.rsplit("=", 1)[1])
         if match:
             return normalize_number(match.group())
+    match = _NUMBER_RE.search(clause) or _NUMBER_RE.search(text)  # a number on the next line
+    return normalize_number(match.group()) if match else None
+
+
+def extract_gsm8k_answer(completion: str) -> str | None:
+    """Read a model's GSM8K answer (see the module docstring for the order of rules)."""
+    text = _from_unicode(truncate_at_stop(completion, GSM8K_STOP))
+    if "####" in text:
+        # The first "####" answers our question; anything after it is the model rambling on.
+        return _clause_answer(text.split("####", 1)[1])
+    marks = list(_ANSWER_IS_RE.finditer(text))
+    if marks:
+        answer = _clause_answer(text[marks[-1].end():])
+        if answer is not None:
+            return answer
     numbers = _NUMBER_RE.findall(text)
     return normalize_number(numbers[-1]) if numbers else None
 
@@ -158,12 +202,8 @@ def last_boxed(text: str) -> str | None:
         return re.split(r"[\s$]", rest.lstrip(), maxsplit=1)[0] or None
     if not rest.startswith("{"):
         return None
-    depth = 0
-    for i, ch in enumerate(rest):
-        depth += (ch == "{") - (ch == "}")
-        if depth == 0:
-            return rest[1:i]
-    return None
+    end = _group_end(rest, 0)
+    return rest[1:end - 1] if end else None
 
 
 def extract_math_answer(completion: str) -> str | None:
@@ -171,95 +211,140 @@ def extract_math_answer(completion: str) -> str | None:
     return last_boxed(truncate_at_stop(completion, MATH_STOP))
 
 
-def _fix_fracs(s: str) -> str:
-    r"""``\frac12`` -> ``\frac{1}{2}``, ``\frac1{72}`` -> ``\frac{1}{72}`` (Hendrycks' rule)."""
-    head, *parts = s.split("\\frac")
-    out = head
-    for part in parts:
-        out += "\\frac"
-        if part.startswith("{") or len(part) < 2:
-            out += part
-        elif part[1] == "{":
-            # One bare numerator digit, braced denominator.
-            out += "{" + part[0] + "}" + part[1:]
-        else:
-            out += "{" + part[0] + "}{" + part[1] + "}" + part[2:]
-    # The mirror case Hendrycks missed: a braced numerator and one bare digit, "\frac{1}2".
-    return re.sub(r"\\frac\{([^{}]*)\}(\w)", r"\\frac{\1}{\2}", out)
+def _group_end(s: str, i: int) -> int | None:
+    """Index just past the brace group that opens at ``s[i] == "{"`` (None if it never closes)."""
+    depth = 0
+    for j in range(i, len(s)):
+        depth += (s[j] == "{") - (s[j] == "}")
+        if depth == 0:
+            return j + 1
+    return None
 
 
-def _fix_sqrt(s: str) -> str:
-    r"""``\sqrt3`` -> ``\sqrt{3}`` (one bare character, as in Hendrycks' rule)."""
-    return re.sub(r"\\sqrt(?![{\[])(\w)", r"\\sqrt{\1}", s)
+def _argument(s: str, i: int) -> tuple[str, int] | None:
+    """One TeX macro argument starting at ``s[i]``: a brace group, a command, or one character.
+
+    Returns (argument with braces, index past it); this is how TeX reads ``\\frac\\pi2`` as
+    ``\\frac{\\pi}{2}`` and ``\\frac12`` as ``\\frac{1}{2}``.
+    """
+    if i >= len(s):
+        return None
+    if s[i] == "{":
+        end = _group_end(s, i)
+        return (s[i:end], end) if end else None
+    if s[i] == "\\":
+        match = re.match(r"\\[A-Za-z]+", s[i:])
+        if match:
+            return "{" + match.group() + "}", i + match.end()
+    return "{" + s[i] + "}", i + 1
 
 
-def _fix_a_slash_b(s: str) -> str:
-    """"3/4" -> "\\frac{3}{4}" when the whole answer is integer/integer."""
-    match = re.fullmatch(r"(-?\d+)/(\d+)", s)
-    return f"\\frac{{{match.group(1)}}}{{{match.group(2)}}}" if match else s
+def _brace_arguments(s: str, command: str, count: int) -> str:
+    """Rewrite every ``command`` so its ``count`` arguments are brace groups (spaces removed)."""
+    out, i = [], 0
+    while (j := s.find(command, i)) >= 0:
+        k = j + len(command)
+        if k < len(s) and s[k].isalpha():  # \fracture is not \frac
+            out.append(s[i:k])
+            i = k
+            continue
+        args, pos = [], k
+        if s.startswith("[", pos) and "]" in s[pos:]:  # \sqrt[3]{x}: keep the optional argument
+            pos = s.index("]", pos) + 1
+            args.append(s[k:pos])
+        for _ in range(count):
+            arg = _argument(s, pos)
+            if arg is None:
+                break
+            args.append(arg[0])
+            pos = arg[1]
+        if len(args) < count + (s[k:k + 1] == "["):
+            out.append(s[i:])
+            return "".join(out)
+        out.append(s[i:j] + command + "".join(args))
+        i = pos
+    return "".join(out) + s[i:]
 
 
-def _unwrap_text(s: str) -> str:
-    r"""``\text{(C)}`` -> ``(C)``: text wrappers carry no mathematical content."""
-    previous = None
-    while previous != s:
-        previous = s
-        s = re.sub(r"\\(?:text|textbf|mbox|mathrm|textnormal)\{([^{}]*)\}", r"\1", s)
-    return s
+# Words that name a unit (or a counted thing) after a number: Minerva's removed expressions
+# plus their singulars and a few common ones. Removed only at the end, after a number or brace.
+_UNITS = ("square units|square feet|square inches|square meters|square centimeters|units?|"
+          "sq|square|ways|integers|dollars?|cents?|mph|inches|inch|ft|feet|foot|hours?|km|"
+          "kilometers?|miles?|meters?|metres?|cm|mm|m|gm|g|kg|grams?|pounds?|lbs?|points?|"
+          "minutes?|seconds?|days?|weeks?|years?|digits?|degrees?|meals|edges|students|"
+          "multiples|people|percent|calories")
+_RIGHT_UNIT_RE = re.compile(
+    r"(?<=[\d}.)])\s*(?:\\(?:text|mbox|mathrm|textrm)\{\s*(?:" + _UNITS + r")\s*\}|(?:" + _UNITS + r")\b)"
+    r"(?:\^\{?[23]\}?)?$")
+# Hendrycks' right units: "\text{ words}" (a space after the brace) ending the answer.
+_SPACED_TEXT_TAIL_RE = re.compile(r"\\(?:text|mbox|textrm)\{ [^{}]*\}(?:\^\{?[23]\}?)?$")
+# Connectives written as text separate list items: "2 \text{ or } 5", "3 \text{and} 4".
+_CONNECTIVE_RE = re.compile(r",?\s*\\(?:text|mbox|textrm)\{\s*(?:and|or|,)\s*\}\s*")
+_TEXT_WRAPPER_RE = re.compile(r"\\(?:text|textbf|textit|textrm|textnormal|mbox|mathrm|mathbf|boxed)"
+                              r"\{([^{}]*)\}")
 
 
 def normalize_math_answer(answer: str) -> str:
-    """Canonical string of a MATH answer (Hendrycks et al.'s ``_strip_string`` plus extras).
+    """Canonical string of a MATH answer (see the module docstring for the conventions).
 
-    Two answers are treated as equal when their canonical strings match, or when both are plain
-    numbers or fractions of equal value (see ``math_equiv``).
+    Two answers are equal when their canonical strings match, or when both are numbers of equal
+    exact value (``math_equiv``).
     """
-    s = answer.strip().replace("\n", "")
-    # Spacing commands and inverse spaces carry no value: "11,\! 111" is one number. The
-    # lookbehind keeps a matrix row break (two backslashes, then a space) intact.
+    s = _from_unicode(answer).replace("\n", " ").strip()
+    s = s.replace("\\displaystyle", "")
+    # Spacing commands carry no value: "11,\! 111" and "1\,000" are one number. The lookbehind
+    # keeps a matrix row break (two backslashes, then a space) intact.
     s = re.sub(r"(?<!\\)\\[!,;: ]", "", s).replace("~", "")
+    s = s.replace("{,}", "")  # 1{,}000
     s = s.replace("\\\\", "\\")  # Hendrycks: a row break and a backslash normalize alike
     s = s.replace("tfrac", "frac").replace("dfrac", "frac")
-    s = s.replace("\\left", "").replace("\\right", "")
-    # Degrees: "30^\circ" and "30^{\circ}" are 30.
-    s = s.replace("^{\\circ}", "").replace("^\\circ", "")
+    s = re.sub(r"\\(?:left|right|big|Big|bigg|Bigg)(?![A-Za-z])", "", s)  # not \rightarrow
+    s = re.sub(r"\\(?:leq|leqslant)(?![A-Za-z])", r"\\le", s)
+    s = re.sub(r"\\(?:geq|geqslant)(?![A-Za-z])", r"\\ge", s)
+    s = re.sub(r"\\neq(?![A-Za-z])", r"\\ne", s)
+    # Degrees: "30^\circ", "30^{\circ}", "30°" and "30 degrees" are 30.
+    s = re.sub(r"\^\s*\{\s*\\circ\s*\}|\^\s*\\circ|\\degree", "", s)
     s = s.replace("\\$", "").replace("$", "")
-    # Units on the right are written "\text{ cents}" / "\mbox{ inches}^2" (a leading space inside
-    # the braces, Hendrycks' observation); drop them with any power after them.
-    s = re.sub(r"\\(?:text|mbox|textrm|mathrm)\{\s[^{}]*\}(?:\^\{?\d\}?)?", "", s)
-    s = _unwrap_text(s)
+    s = _CONNECTIVE_RE.sub(",", s)
+    s = _SPACED_TEXT_TAIL_RE.sub("", s).strip()
+    s = _RIGHT_UNIT_RE.sub("", s).strip()
+    previous = None
+    while previous != s:  # unwrap nested wrappers from the inside out
+        previous, s = s, _TEXT_WRAPPER_RE.sub(r"\1", s)
     s = s.replace("\\%", "").replace("%", "")
-    # ".5" and "{.5" read as "0.5".
-    s = s.replace(" .", " 0.").replace("{.", "{0.")
     s = s.strip().rstrip(".").strip()
-    if s.startswith("."):
-        s = "0" + s
-    # "x = 5" or "k=5" -> "5": a short variable name before a single "=".
+    # ".5" and "{.5" read as "0.5".
+    s = re.sub(r"(^|[\s{(\[,=-])\.(\d)", r"\g<1>0.\2", s)
+    # "x = 5" or "k=5" -> "5": a short variable name before a single "=" (Hendrycks).
     if s.count("=") == 1 and len(s.split("=")[0].strip()) <= 2:
         s = s.split("=")[1]
-    # Spaces go before the sqrt/frac fixes so "\sqrt 3" and "\frac 1 2" are caught too.
     s = s.replace(" ", "")
-    s = _fix_sqrt(s)
-    s = _fix_fracs(s)
+    s = _brace_arguments(s, "\\sqrt", 1)
+    s = _brace_arguments(s, "\\frac", 2)
+    # A multiple-choice answer: "(C)" and "C" are the same answer.
+    s = re.sub(r"^\(([A-E])\)$", r"\1", s)
     # Thousands separators, only when the whole answer is one number ("11,111,111,100"): a comma
     # elsewhere separates tuple entries and must stay.
     if re.fullmatch(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?", s):
         s = s.replace(",", "")
-    if s == "0.5":
-        s = "\\frac{1}{2}"
-    return _fix_a_slash_b(s)
+    match = re.fullmatch(r"(-?\d+)/(\d+)", s)  # "3/4" -> \frac{3}{4} (Hendrycks' a/b rule)
+    return f"\\frac{{{match.group(1)}}}{{{match.group(2)}}}" if match else s
 
 
 def _math_number(s: str) -> Fraction | None:
-    """Exact value of a canonical answer that is a number or a simple (signed) fraction."""
-    number = parse_number(s) if re.fullmatch(r"-?\d*\.?\d+", s) else None
-    if number is not None:
-        return number
-    match = re.fullmatch(r"(-?)\\frac\{(-?\d+)\}\{(-?\d+)\}", s)
-    if match and int(match.group(3)) != 0:
-        value = Fraction(int(match.group(2)), int(match.group(3)))
-        return -value if match.group(1) else value
-    return None
+    """Exact value of a canonical answer that is a number, a fraction or a mixed number."""
+    if re.fullmatch(r"[-+]?(?:\d+\.?\d*|\.\d+)", s):
+        return Fraction(s)
+    match = re.fullmatch(r"([-+]?)(\d+)?\\frac\{([-+]?\d+)\}\{([-+]?\d+)\}", s)
+    if not match or int(match.group(4)) == 0:
+        return None
+    sign, whole, num, den = match.groups()
+    value = Fraction(int(num), int(den))
+    if whole is not None:
+        if not 0 <= value < 1:
+            return None  # "2\frac{5}{3}" is not how anyone writes a mixed number
+        value += int(whole)  # MATH writes mixed numbers: 1\frac{4}{5} = 9/5
+    return -value if sign == "-" else value
 
 
 def math_equiv(predicted: str | None, gold: str) -> bool:

@@ -11,8 +11,10 @@ Everything here is a pure function of Python lists / numpy arrays so each formul
 by hand; per-prompt values are averaged over prompts by the caller.
 """
 
+import functools
 import math
 import re
+import unicodedata
 from collections import Counter
 from collections.abc import Sequence
 
@@ -299,43 +301,83 @@ def fraction_unique(texts: Sequence[str]) -> float:
     return len({normalize_solution(t) for t in texts}) / len(texts)
 
 
-# A word: Latin letters with optional inner apostrophes, hyphens or dots (don't, well-known,
-# e.g, U.S) in lower, Capitalized or UPPER case; or a number (12, 3.5, 1,000, 1990s, 2nd).
-_WORD_RE = re.compile(r"(?:[a-z]+|[A-Z][a-z]*|[A-Z]+)(?:['\u2019.\-](?:[a-z]+|[A-Z][a-z]*|[A-Z]+))*")
-_NUMBER_WORD_RE = re.compile(r"\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?(?:st|nd|rd|th|s|k|m)?")
-_MAX_WORD_LETTERS = 24  # longer alphabetic runs are glued-together words in practice
+# Non-word tokens (Fig. 1b's "lexical integrity", App. E's samples). Temperature-scaled sampling
+# writes tokens that are no word of any language: glued words ("socioeconomicstatuscanimpact"),
+# sub-word debris ("investigg", "FacebookvPhpageto") and script mixes ("Cosmoelles兼Enabled").
+# A token is judged against a real English word list (wordfreq's, 321k forms including names,
+# brands and acronyms), so ordinary words that a shape rule would flag ("iPhone", "PhD", "CO2",
+# "café") are words here. Rules, per whitespace token:
+#   1. strip surrounding punctuation; nothing left: punctuation, not counted;
+#   2. a URL, e-mail address or domain is a word;
+#   3. split at inner punctuation other than apostrophes ("and/or", "24/7", "COVID-19", "e.g",
+#      "migration.itorProf"); the token is a word iff every part is:
+#      - a number, or a number with a short suffix (1990s, 2nd, 5km, 4K);
+#      - in the word list, lower-cased, possibly after dropping a possessive "'s";
+#      - an acronym: 2-8 capitals, optionally with digits or a plural "s" (GPUs, H2O, A100);
+#      - letters of one non-Latin script only (we do not judge other languages; a part that
+#        mixes scripts is debris).
+_URL_RE = re.compile(r"(?:[a-z][a-z0-9+.-]*://|www\.)\S+|[\w.+-]+@[\w-]+(?:\.[\w-]+)+|"
+                     r"[\w-]+(?:\.[\w-]+)*\.(?:com|org|net|edu|gov|io|ai|co|uk|de|fr|info)(?:/\S*)?",
+                     re.IGNORECASE)
+_PART_SPLIT_RE = re.compile(r"[^\w']+|_+")
+_NUMBER_PART_RE = re.compile(r"\d+(?:[a-z]{1,3}|[A-Z])?")
+_ACRONYM_RE = re.compile(r"(?=[A-Z0-9]*[A-Z])[A-Z0-9]{2,8}s?")
 
 
-def _is_word(core: str, vocabulary: set[str] | None) -> bool:
-    if vocabulary is not None:
-        return core.lower() in vocabulary or bool(_NUMBER_WORD_RE.fullmatch(core))
-    if _NUMBER_WORD_RE.fullmatch(core):
-        return True
-    return bool(_WORD_RE.fullmatch(core)) and sum(ch.isalpha() for ch in core) <= _MAX_WORD_LETTERS
+def load_english_words() -> frozenset[str] | None:
+    """wordfreq's large English word list (lower case), or None when wordfreq is not installed.
 
-
-def non_word_token_rate(texts: Sequence[str], vocabulary: set[str] | None = None) -> float:
-    """Fraction of whitespace-separated tokens that are not words: a gauge of degenerate text.
-
-    Each token is stripped of leading/trailing non-alphanumerics (quotes, brackets,
-    punctuation, markdown); tokens with nothing left are punctuation and not counted. A token
-    counts as a word if it is a number, or, without a ``vocabulary``, if it looks like a word of
-    English text: letters with optional inner ' - . in one case pattern (lower, Capitalized,
-    UPPER) and at most 24 letters. So high-temperature debris such as "socioeconomicstatuscan-
-    impact", "FacebookvPhpageto", "Cosmoelles兼Enabled" or "investigg2" counts as non-words,
-    while ordinary prose scores near 0 (camel-case names like "iPhone" are the known false
-    positives). With a ``vocabulary`` (lower-cased words) a token is a word iff it is listed.
+    An evaluation extra (requirements-eval.txt); without it the caller reports the non-word
+    metric as skipped.
     """
-    words = bad = 0
-    for text in texts:
-        for raw in text.split():
-            # Strip from both ends up to the first letter or digit.
-            core = re.sub(r"^[^\w]+|[^\w]+$", "", raw).strip("_")
-            if not core:
-                continue
-            words += 1
-            bad += not _is_word(core, vocabulary)
-    return bad / words if words else 0.0
+    try:
+        from wordfreq import get_frequency_dict
+    except ImportError:
+        return None
+    return _english_words(get_frequency_dict)
+
+
+@functools.lru_cache(maxsize=1)
+def _english_words(get_frequency_dict) -> frozenset[str]:
+    # The list loads in ~0.1 s, once per process.
+    return frozenset(get_frequency_dict("en", wordlist="large"))
+
+
+def _script(ch: str) -> str:
+    """The Unicode script of a letter, from its name: "LATIN", "CJK", "HANGUL", "CYRILLIC", ..."""
+    return unicodedata.name(ch, "UNKNOWN").split()[0]
+
+
+def _is_word_part(part: str, words: frozenset[str]) -> bool:
+    if _NUMBER_PART_RE.fullmatch(part) or _ACRONYM_RE.fullmatch(part):
+        return True
+    letters = [ch for ch in part if ch.isalpha()]
+    scripts = {_script(ch) for ch in letters}
+    if scripts and "LATIN" not in scripts:
+        return len(scripts) == 1  # another language's word; a mix of scripts is debris
+    lower = part.lower().strip("'")
+    return lower in words or lower.removesuffix("'s") in words
+
+
+def is_non_word(token: str, words: frozenset[str]) -> bool | None:
+    """Whether one whitespace token is a non-word; None for pure punctuation (not counted)."""
+    core = re.sub(r"^[\W_]+|[\W_]+$", "", token.replace("\u2019", "'"))
+    if not core:
+        return None
+    if _URL_RE.fullmatch(core):
+        return False
+    parts = [p for p in _PART_SPLIT_RE.split(core) if p.strip("'")]
+    return not all(_is_word_part(p, words) for p in parts)
+
+
+def non_word_token_rate(texts: Sequence[str], words: frozenset[str]) -> float:
+    """Fraction of whitespace tokens (punctuation-only ones aside) that are not words.
+
+    ``words`` is a lower-cased word list (``load_english_words``). See the rules above.
+    """
+    judged = [is_non_word(token, words) for text in texts for token in text.split()]
+    counted = [flag for flag in judged if flag is not None]
+    return sum(counted) / len(counted) if counted else 0.0
 
 
 def mean_pairwise_cosine_distance(embeddings: np.ndarray, include_self: bool = True) -> float:

@@ -1,4 +1,4 @@
-"""Evaluation outputs: one JSON with every number, and a Markdown report of the same results.
+"""Evaluation outputs: one JSON with every number, a Markdown report, and JSONL samples.
 
 The results are a nested dict built by the evaluation script, e.g. ``{"meta": {...},
 "notes": [...], "diversity": {run: {metric: value}}, "best_of_n": {...}, "calibration": {...}}``.
@@ -10,12 +10,13 @@ runs x metrics table, a list of flat dicts a table, anything deeper a subsection
 import dataclasses
 import json
 import math
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from spl.checkpoint import atomic_write_text
 
 _MAX_INLINE_LIST = 16  # longer lists of numbers (per-prompt values) are left to the JSON
 
@@ -46,18 +47,18 @@ def to_jsonable(obj: Any) -> Any:
     raise TypeError(f"cannot write {type(obj).__name__} to the results JSON: {obj!r}")
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    # Write then rename, so an interrupted run never leaves half a report behind.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def write_json(results: Mapping[str, Any], path: str | Path) -> Path:
     """Write ``results`` as indented, strict JSON; returns the path."""
     path = Path(path)
-    _write_atomic(path, json.dumps(to_jsonable(results), indent=2, allow_nan=False) + "\n")
+    # Written atomically, like every output here: an interrupted run never leaves half a file.
+    atomic_write_text(path, json.dumps(to_jsonable(results), indent=2, allow_nan=False) + "\n")
+    return path
+
+
+def write_jsonl(path: str | Path, records: Sequence[Mapping[str, Any]]) -> Path:
+    """One JSON object per line (the samples behind the numbers, for inspection or re-scoring)."""
+    path = Path(path)
+    atomic_write_text(path, "".join(json.dumps(to_jsonable(r)) + "\n" for r in records))
     return path
 
 
@@ -175,5 +176,5 @@ def write_report(results: Mapping[str, Any], out_dir: str | Path,
             relative[name] = str(path)
     json_path = write_json(results, out_dir / "results.json")
     md_path = out_dir / "report.md"
-    _write_atomic(md_path, render_markdown(results, title, relative))
+    atomic_write_text(md_path, render_markdown(results, title, relative))
     return json_path, md_path

@@ -1,10 +1,10 @@
 """Model-driven evaluation primitives: pose prompts, sample responses, score token sequences.
 
-The suites in ``suites.py`` (run by ``runner.py``) are built from five operations on a loaded
-model, all batched and run under ``torch.inference_mode``:
+The suites (run by ``runner.py``) are built from four operations on a loaded model, all batched
+and run under ``torch.inference_mode``:
 
 - ``sample_responses``: N responses per prompt with token-level sampling (temperature, top-k/p,
-  min-p) or a sequence-level global temperature (``spl/sampling.py``; paper eqs. 7-10).
+  min-p) or a sequence-level global temperature (``spl/global_temperature.py``; eqs. 7-10).
 - ``sequence_logprobs``: log pi(response | prompt) summed over response tokens, and the token
   count; the reference cross-entropy of §4.1 is ``-sum / count`` under the reference policy.
 - ``reward_scores``: the Bradley-Terry head of a reward-mode run on the final-normed hidden state
@@ -12,17 +12,15 @@ model, all batched and run under ``torch.inference_mode``:
 - ``option_logprobs``: log-probabilities of the option letters after a multiple-choice prompt
   (App. D): the next-token distribution when every letter is one token, else each letter's
   sequence log-prob; callers renormalize over the options.
-- ``response_embeddings``: the policy's last hidden states mean-pooled over response tokens, the
-  embedding fallback when no sentence-embedding model is installed.
 
-Batches are right-padded: padding sits after every real token, so causal attention never lets a
-real position see it, and no attention mask is needed. Sequences are sorted by length first so a
-batch wastes little compute on padding; results come back in the callers' order.
+The three scorers share one forward loop, ``_padded_forwards``: sequences sorted by length (a
+batch wastes little compute on padding), right-padded (padding sits after every real token, so
+causal attention never lets a real position see it and no attention mask is needed), results
+put back in the callers' order.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
@@ -34,9 +32,10 @@ import yaml
 from tqdm import tqdm
 
 from spl.data import hh_messages
-from spl.evaluation.embeddings import mean_pool
+from spl.evaluation.math_answers import truncate_at_stop
+from spl.global_temperature import choose_method, default_num_candidates, sample_global_temperature
 from spl.logprobs import sequence_logps
-from spl.sampling import generate, sample_global_temperature
+from spl.sampling import StopStrings, generate
 from spl.tokenizer import Message, Tokenizer
 
 
@@ -77,7 +76,7 @@ class Prompt:
 
 def read_run_config(path: str | Path) -> dict | None:
     """The training config.yaml of a run or step directory (None for a bare model directory)."""
-    from spl.trainer import resolve_checkpoint
+    from spl.checkpoint import resolve_checkpoint
 
     for candidate in (resolve_checkpoint(path) / "config.yaml", Path(path) / "config.yaml"):
         if candidate.is_file():
@@ -98,7 +97,7 @@ class EvalModel:
     path: Path  # what the user passed
     model: torch.nn.Module
     tokenizer: Tokenizer
-    chat: bool  # True: Mistral chat template; False: bos + plain text
+    chat: bool  # True: the tokenizer's chat template poses prompts as messages; False: bos + raw text
     has_adapter: bool = False
     reward_head: torch.Tensor | None = None  # (1, D) for reward-mode runs
     config: dict | None = None  # the run's config.yaml, when it has one
@@ -118,32 +117,47 @@ class EvalModel:
             return self.tokenizer.encode_prompt(prompt.messages)
         return self.tokenizer.encode(prompt.text, bos=True)
 
+    def follow(self, policy: EvalModel) -> None:
+        """Pose prompts as ``policy`` does, when this model's checkpoint did not say how."""
+        from spl.chat_templates import ChatTemplateError
+
+        if self.tokenizer.chat_template is None:
+            try:
+                self.tokenizer.chat_template = policy.tokenizer.chat_template.name
+            except ChatTemplateError as e:
+                raise EvaluationError(f"{self.name}: {e}") from None
+            self.chat = policy.chat
+
     def same_encoding(self, other: EvalModel) -> bool:
         """Whether ``other`` turns text into the same ids (tokenizer file and prompt format)."""
-        return (self.chat == other.chat
+        return (self.chat == other.chat and self.tokenizer.chat_template == other.tokenizer.chat_template
                 and self.tokenizer.path.read_bytes() == other.tokenizer.path.read_bytes())
 
 
 def load_eval_model(path: str | Path, *, name: str | None = None, adapter: str | Path | None = None,
                     tokenizer: str | Path | None = None, chat_template: str = "auto",
-                    device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> EvalModel:
+                    follows_policy: bool = False, device: torch.device | str = "cpu",
+                    dtype: torch.dtype = torch.float32) -> EvalModel:
     """Load a run, step, HF or original model directory for evaluation (``load_for_inference``).
 
-    ``chat_template`` "auto" follows the run's own training data: the chat template when its
-    config.yaml says ``data.chat_template: true`` and it trained on a data file (the demo trains
-    on plain strings), plain text for the demo and for bare model directories.
+    ``chat_template`` (checked by ``EvalConfig``) is a name from spl.chat_templates or "auto": as
+    the checkpoint was trained (its run's config.yaml, its tokenizer_config.json, its tokenizer's
+    control tokens). Under "none" prompts are bos + raw text (HH-RLHF's "\\n\\nHuman: ...").
+    With ``follows_policy`` (a reward model or reference) a checkpoint that says nothing is left
+    without a template, for ``EvalModel.follow`` to give it the policy's.
     """
-    from spl.trainer import load_for_inference
+    from spl.chat_templates import ChatTemplateError, ChatTemplateUndecided, set_chat_template
+    from spl.checkpoint import load_for_inference
 
-    if chat_template not in ("auto", "yes", "no"):
-        raise EvaluationError(f"--chat-template must be auto, yes or no, got {chat_template!r}")
     loaded = load_for_inference(path, adapter=adapter, tokenizer=tokenizer, device=device, dtype=dtype)
     config = read_run_config(path)
-    if chat_template == "auto":
-        chat = (config is not None and not is_demo_config(config)
-                and bool(config.get("data", {}).get("chat_template", False)))
-    else:
-        chat = chat_template == "yes"
+    try:
+        print(f"evaluate: {name or Path(path).name}: " + set_chat_template(
+            loaded.tokenizer, chat_template, checkpoint=loaded.source, base=loaded.base, adapter=adapter))
+    except ChatTemplateError as e:
+        if not (follows_policy and isinstance(e, ChatTemplateUndecided)):
+            raise EvaluationError(str(e)) from None
+    chat = loaded.tokenizer.chat_template is not None and loaded.tokenizer.chat_template.name != "none"
     return EvalModel(name or Path(path).name, Path(path), loaded.model, loaded.tokenizer, chat,
                      loaded.has_adapter, loaded.reward_head, config, loaded.source)
 
@@ -183,8 +197,8 @@ class SamplingSetting:
     def label(self) -> str:
         """Short name for tables and plots, e.g. "t=1.2 top_p=0.9" or "T_global=2 (smc)"."""
         if self.global_temp is not None:
-            # "auto" named as what it resolves to (see spl.sampling.sample_global_temperature).
-            method = self.method if self.method != "auto" else "resample" if self.global_temp >= 1 else "smc"
+            # "auto" named as what it resolves to.
+            method = self.method if self.method != "auto" else choose_method(self.global_temp)
             return f"T_global={self.global_temp:g} ({method})"
         parts = [f"t={self.temperature:g}"]
         parts += [f"{k}={v:g}" for k, v in (("top_k", self.top_k), ("top_p", self.top_p),
@@ -199,6 +213,23 @@ class Samples:
     tokens: list[list[list[int]]]
     finished: list[list[bool]]  # ended with eos (False: cut at max_new_tokens)
     ess: list[float] = field(default_factory=list)  # per prompt, global-temperature samplers only
+    # Per prompt, global temperature only: GlobalSampleOutput.diagnostics (ESS, distinct samples,
+    # lineages, resampling steps ...), to be reported next to every number computed from them.
+    sampler: list[dict] = field(default_factory=list)
+
+    def sampler_summary(self) -> dict:
+        """The diagnostics averaged over prompts (lowest where lowest is what matters); {} if none."""
+        if not self.sampler:
+            return {}
+        col = lambda key: [d[key] for d in self.sampler]
+        first = self.sampler[0]
+        return {"sampler_method": first["method"], "sampler_candidates": first["num_candidates"],
+                "sampler_mean_ess": float(np.mean(col("ess"))), "sampler_min_ess": float(np.min(col("ess"))),
+                "sampler_min_step_ess": float(np.min(col("min_step_ess"))),
+                "sampler_mean_resamples": float(np.mean(col("resamples"))),
+                "sampler_mean_distinct_samples": float(np.mean(col("distinct_samples"))),
+                "sampler_mean_distinct_lineages": float(np.mean(col("distinct_lineages"))),
+                "sampler_min_distinct_lineages": int(np.min(col("distinct_lineages")))}
 
 
 def _batched(items: Sequence, size: int) -> Iterator[Sequence]:
@@ -208,29 +239,35 @@ def _batched(items: Sequence, size: int) -> Iterator[Sequence]:
 
 def sample_responses(em: EvalModel, prompts: Sequence[list[int]], setting: SamplingSetting, *,
                      num_samples: int, max_new_tokens: int, batch_size: int,
-                     generator: torch.Generator, desc: str = "sampling") -> Samples:
-    """``num_samples`` responses to each prompt (ids), in groups of about ``batch_size`` rows.
+                     generator: torch.Generator, desc: str = "sampling", stop: Sequence[str] = ()
+                     ) -> Samples:
+    """``num_samples`` responses to each prompt (ids), at most ``batch_size`` rows decoded at once.
 
-    A group holds ``batch_size // num_samples`` prompts (at least one), so the KV cache holds about
-    ``batch_size`` rows whatever N is. One generator runs through all groups: same seed, same
-    samples.
+    A group holds ``batch_size // rows`` prompts (at least one), rows being a prompt's samples, or
+    its candidates under a global temperature; a prompt with more rows is split by the sampler
+    (``max_rows``). A response ends at the first of ``stop`` (it stays in the text: callers cut
+    it). One generator runs through all groups: same seed, same samples.
     """
-    per_call = max(1, batch_size // num_samples)
+    glob = setting.global_temp is not None
+    rows = (setting.num_candidates or default_num_candidates(num_samples, setting.global_temp)) if glob \
+        else num_samples
+    per_call = max(1, batch_size // rows)
     out = Samples([], [])
     eos = em.tokenizer.eos_id
+    common = dict(max_new_tokens=max_new_tokens, num_samples=num_samples, eos_id=eos, generator=generator,
+                  max_rows=batch_size, stop=StopStrings(em.tokenizer, stop) if stop else None)
     bar = tqdm(total=len(prompts), desc=desc, unit="prompt", leave=False)
     for group in _batched(list(prompts), per_call):
-        if setting.global_temp is not None:
+        if glob:
             # The global samplers draw num_candidates per prompt and keep num_samples of them.
-            result = sample_global_temperature(
-                em.model, list(group), setting.global_temp, method=setting.method,
-                max_new_tokens=max_new_tokens, num_samples=num_samples,
-                num_candidates=setting.num_candidates, eos_id=eos, generator=generator)
+            result = sample_global_temperature(em.model, list(group), setting.global_temp,
+                                               method=setting.method, num_candidates=setting.num_candidates,
+                                               **common)
             out.ess += result.ess.tolist()
+            out.sampler += [result.diagnostics(i) for i in range(len(group))]
         else:
-            result = generate(em.model, list(group), max_new_tokens=max_new_tokens, num_samples=num_samples,
-                              eos_id=eos, temperature=setting.temperature, top_k=setting.top_k,
-                              top_p=setting.top_p, min_p=setting.min_p, generator=generator)
+            result = generate(em.model, list(group), temperature=setting.temperature, top_k=setting.top_k,
+                              top_p=setting.top_p, min_p=setting.min_p, **common)
         finished = result.finished.tolist()
         # Outputs are prompt-major: rows [i * N, (i + 1) * N) answer the group's i-th prompt.
         for i in range(len(group)):
@@ -250,11 +287,10 @@ def response_text(tokenizer: Tokenizer, ids: list[int],
     scores of reward and reference models see what the text metrics see.
     """
     text = tokenizer.decode(ids)
-    cut = min((i for i in (text.find(s) for s in stops if s) if i >= 0), default=-1)
-    if cut < 0:
+    kept = truncate_at_stop(text, stops)
+    if len(kept) == len(text):
         return text, ids, False
-    text = text[:cut]
-    return text, tokenizer.encode(text), True
+    return kept, tokenizer.encode(kept), True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,43 +298,42 @@ def response_text(tokenizer: Tokenizer, ids: list[int],
 # ---------------------------------------------------------------------------------------------
 
 
-def _right_padded(seqs: Sequence[list[int]], device: torch.device) -> torch.Tensor:
-    T = max(len(s) for s in seqs)
-    # Pad id 0 is a valid row of every embedding table; padded positions are never read.
-    return torch.tensor([s + [0] * (T - len(s)) for s in seqs], device=device)  # (B, T)
+def _padded_forwards(model: torch.nn.Module, seqs: Sequence[list[int]], batch_size: int, desc: str,
+                     context: Callable[[], AbstractContextManager] = nullcontext
+                     ) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
+    """Final-normed hidden states of ``seqs`` in length-sorted, right-padded batches.
 
-
-def _length_sorted_batches(lengths: Sequence[int], batch_size: int) -> Iterator[list[int]]:
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    yield from _batched(order, batch_size)
+    Yields (indices into ``seqs``, ids (B, T), hidden (B, T, D)). ``context``, e.g.
+    ``lambda: disable_adapters(model)`` for the reference of a LoRA run, is entered around each
+    forward and stays entered while the caller works on the batch (the yield is inside it), so
+    a head applied to ``hidden`` runs under it too.
+    """
+    device = model.lm_head.weight.device
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    for idx in tqdm(list(_batched(order, batch_size)), desc=desc, unit="batch", leave=False):
+        T = max(len(seqs[i]) for i in idx)
+        # Pad id 0 is a valid row of every embedding table; padded positions are never read.
+        ids = torch.tensor([seqs[i] + [0] * (T - len(seqs[i])) for i in idx], device=device)  # (B, T)
+        with context():
+            yield list(idx), ids, model(ids, return_hidden=True)  # (B, T, D)
 
 
 @torch.inference_mode()
 def sequence_logprobs(model: torch.nn.Module, prompts: Sequence[list[int]], responses: Sequence[list[int]],
                       *, batch_size: int, context: Callable[[], AbstractContextManager] = nullcontext,
                       desc: str = "log-probs") -> tuple[list[float], list[int]]:
-    """log pi(response | prompt) summed over response tokens, and the number of those tokens.
-
-    ``context`` is entered around each forward, e.g. ``lambda: disable_adapters(model)`` for the
-    reference policy of a LoRA run.
-    """
+    """log pi(response | prompt) summed over response tokens, and the number of those tokens."""
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
-    device = model.lm_head.weight.device
     logps, counts = [0.0] * len(prompts), [len(r) for r in responses]
-    lengths = [len(p) + len(r) for p, r in zip(prompts, responses, strict=True)]
-    batches = list(_length_sorted_batches(lengths, batch_size))
-    for idx in tqdm(batches, desc=desc, unit="batch", leave=False):
-        seqs = [prompts[i] + responses[i] for i in idx]
-        ids = _right_padded(seqs, device)  # (B, T)
+    seqs = [p + r for p, r in zip(prompts, responses, strict=True)]
+    for idx, ids, hidden in _padded_forwards(model, seqs, batch_size, desc, context):
         # Position t predicts token t + 1: response tokens are targets at [len(p) - 1, len(p) + len(r) - 1).
         targets = torch.cat([ids[:, 1:], torch.zeros_like(ids[:, :1])], dim=1)  # (B, T)
-        mask = torch.zeros(ids.shape, dtype=torch.bool, device=device)  # (B, T)
+        mask = torch.zeros(ids.shape, dtype=torch.bool, device=ids.device)  # (B, T)
         for row, i in enumerate(idx):
-            mask[row, len(prompts[i]) - 1:len(prompts[i]) + len(responses[i]) - 1] = True
-        with context():
-            hidden = model(ids, return_hidden=True)  # (B, T, D)
-            out = sequence_logps(hidden, model.lm_head.weight, targets, mask)  # (B,)
+            mask[row, len(prompts[i]) - 1:len(seqs[i]) - 1] = True
+        out = sequence_logps(hidden, model.lm_head.weight, targets, mask)  # (B,)
         for row, i in enumerate(idx):
             logps[i] = float(out[row])
     return logps, counts
@@ -312,39 +347,15 @@ def reward_scores(model: torch.nn.Module, head: torch.Tensor, seqs: Sequence[lis
     The same computation as ``spl.trainer.Scorer`` in reward mode, where ``last_index`` is the
     position of each row's last real token (the response's eos when it finished).
     """
-    device = model.lm_head.weight.device
     rewards = [0.0] * len(seqs)
-    for idx in tqdm(list(_length_sorted_batches([len(s) for s in seqs], batch_size)), desc=desc,
-                    unit="batch", leave=False):
-        ids = _right_padded([seqs[i] for i in idx], device)  # (B, T)
-        last = torch.tensor([len(seqs[i]) - 1 for i in idx], device=device)  # (B,)
-        hidden = model(ids, return_hidden=True)  # (B, T, D)
-        h = hidden[torch.arange(len(idx), device=device), last]  # (B, D)
+    for idx, ids, hidden in _padded_forwards(model, seqs, batch_size, desc):
+        last = torch.tensor([len(seqs[i]) - 1 for i in idx], device=ids.device)  # (B,)
+        h = hidden[torch.arange(len(idx), device=ids.device), last]  # (B, D)
         # F.linear(h, head) is Scorer's nn.Linear(D, 1, bias=False); fp32 like Scorer's output.
         scores = torch.nn.functional.linear(h, head.to(h.dtype)).squeeze(-1).float()  # (B,)
         for row, i in enumerate(idx):
             rewards[i] = float(scores[row])
     return rewards
-
-
-@torch.inference_mode()
-def response_embeddings(model: torch.nn.Module, prompts: Sequence[list[int]], responses: Sequence[list[int]],
-                        *, batch_size: int, desc: str = "embeddings") -> np.ndarray:
-    """(N, D) fp32: the policy's final-normed hidden states mean-pooled over each response's tokens."""
-    device = model.lm_head.weight.device
-    out = np.zeros((len(prompts), model.cfg.dim), dtype=np.float32)
-    lengths = [len(p) + len(r) for p, r in zip(prompts, responses, strict=True)]
-    for idx in tqdm(list(_length_sorted_batches(lengths, batch_size)), desc=desc, unit="batch", leave=False):
-        ids = _right_padded([prompts[i] + responses[i] for i in idx], device)  # (B, T)
-        mask = torch.zeros(ids.shape, dtype=torch.bool, device=device)  # (B, T) response positions
-        for row, i in enumerate(idx):
-            # An empty response (cut at a stop string right away) is the state it answered from:
-            # the prompt's last position, so all empty responses embed alike.
-            start = len(prompts[i]) - (not responses[i])
-            mask[row, start:len(prompts[i]) + len(responses[i])] = True
-        pooled = mean_pool(model(ids, return_hidden=True), mask)  # (B, D) fp32
-        out[idx] = pooled.cpu().numpy()
-    return out
 
 
 def option_token_ids(tokenizer: Tokenizer, letters: Sequence[str]) -> list[list[int]] | None:
@@ -381,23 +392,12 @@ def option_logprobs(model: torch.nn.Module, prompts: Sequence[list[int]],
             out.append(logps[start:start + len(opts)])
             start += len(opts)
         return out
-    device = model.lm_head.weight.device
     result: list[list[float]] = [[] for _ in prompts]
-    for idx in tqdm(list(_length_sorted_batches([len(p) for p in prompts], batch_size)), desc=desc,
-                    unit="batch", leave=False):
-        ids = _right_padded([prompts[i] for i in idx], device)  # (B, T)
-        last = torch.tensor([len(prompts[i]) - 1 for i in idx], device=device)  # (B,)
-        h = model(ids, return_hidden=True)[torch.arange(len(idx), device=device), last]  # (B, D)
+    for idx, ids, hidden in _padded_forwards(model, prompts, batch_size, desc):
+        last = torch.tensor([len(prompts[i]) - 1 for i in idx], device=ids.device)  # (B,)
+        h = hidden[torch.arange(len(idx), device=ids.device), last]  # (B, D)
         # fp32 log-softmax over the vocabulary at one position per row: (B, V) is small.
         logp = model.lm_head(h).float().log_softmax(dim=-1)  # (B, V)
         for row, i in enumerate(idx):
             result[i] = logp[row, [o[0] for o in options[i]]].tolist()
     return result
-
-
-def write_jsonl(path: Path, records: Sequence[dict]) -> None:
-    """One JSON object per line (the samples behind the numbers, for inspection)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")

@@ -1,17 +1,17 @@
-"""The evaluation suites of paper §4 and App. B-E, built on the primitives of ``scoring.py``.
+"""The evaluation suites on a loaded model, built on the primitives of ``scoring.py``.
 
 - ``diversity_suite`` (§4.1, App. B): N responses per HH-RLHF prompt; embedding cosine distance
   (eq. 44), distinct-n, self-BLEU, fraction unique, non-word token rate; average reward under a
   Bradley-Terry reward model; per-token cross-entropy under the reference policy; LLM-judge
   diversity (App. B.1) when an endpoint is configured.
-- ``bestofn_generate`` + ``best_of_n_summary`` (§4.2, App. C): few-shot GSM8K/MATH samples, unbiased
-  pass@k, splits by difficulty, redundant solutions; ``read_completions`` scores completions
-  generated elsewhere.
 - ``calibration_suite`` (§4.3, App. D): option-letter probabilities renormalized over the options;
   accuracy, ECE, Brier and reliability bins.
-- ``opinions_suite``: GlobalOpinionQA answer distributions against a population's (KL, TV).
+- ``opinions_suite`` (ours, not the paper's): GlobalOpinionQA answer distributions against a
+  population's (KL, TV), the multiple-choice form of Cor. 3.2's claim.
 - ``demo_suite``: the embedded demo's answer distributions against the population and against
   SPL's optimal policy (Prop. A.1) for the run's own alpha and beta.
+
+Best-of-N math lives in ``bestofn.py`` and the Political Compass suite (App. E) in ``political.py``.
 
 Every suite returns plain dicts of numbers: a ``summary`` (what the report tables show) and
 ``details`` (per-prompt or per-question values, kept in results.json only).
@@ -20,37 +20,17 @@ Every suite returns plain dicts of numbers: a ``summary`` (what the report table
 from __future__ import annotations
 
 import math
-import random
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from spl.evaluation import metrics
-from spl.evaluation.datasets import (
-    LETTERS,
-    MATH500_LEVELS_1_3_5,
-    MathProblem,
-    MultipleChoice,
-    OpinionQuestion,
-    load_gsm8k,
-    load_hh_rlhf,
-    load_math,
-)
+from spl.evaluation.datasets import LETTERS, MultipleChoice, OpinionQuestion
 from spl.evaluation.judge import JudgeClient, judge_diversity
-from spl.evaluation.math_answers import (
-    GSM8K_STOP,
-    MATH_STOP,
-    build_gsm8k_prompt,
-    build_math_prompt,
-    gsm8k_is_correct,
-    math_is_correct,
-    truncate_at_stop,
-)
 from spl.evaluation.scoring import (
     EvalModel,
     EvaluationError,
@@ -59,30 +39,13 @@ from spl.evaluation.scoring import (
     fit_prompt,
     option_logprobs,
     option_token_ids,
-    response_embeddings,
     response_text,
     reward_scores,
     sample_responses,
     sequence_logprobs,
 )
 
-PASS_AT_K = (1, 4, 16, 64, 128)  # §4.2's sample counts
 HH_STOP = ("\n\nHuman:",)  # a plain-text model continues the dialogue with the next user turn
-
-
-def subset(items: Sequence, limit: int | None, seed: int) -> list:
-    """``limit`` items drawn with a seeded generator, in their original order (all if None).
-
-    The same seed picks the same items for every checkpoint, so their numbers compare.
-    """
-    if limit is None or limit >= len(items):
-        return list(items)
-    keep = sorted(random.Random(seed).sample(range(len(items)), limit))
-    return [items[i] for i in keep]
-
-
-def _mean(values: Sequence[float | None]) -> float:
-    return metrics.summarize(values)["mean"]
 
 
 def _summaries(per_prompt: dict[str, list[float | None]]) -> tuple[dict[str, float], dict[str, float]]:
@@ -107,6 +70,7 @@ class Scorers:
     reference: EvalModel | None = None  # a separately loaded reference policy
     embedder: object | None = None  # a sentence embedder with .encode(texts) and .name
     judge: JudgeClient | None = None
+    words: frozenset[str] | None = None  # the English word list of the non-word token rate
 
 
 def reference_for(policy: EvalModel, scorers: Scorers
@@ -137,27 +101,20 @@ def _pair_for(target: EvalModel, same: bool, prompt: Prompt, prompt_ids: list[in
     return prompt_ids, resp_ids
 
 
-def load_diversity_prompts(limit: int | None, seed: int) -> list[Prompt]:
-    """HH-RLHF helpful-base test prompts (the shipped first 800), a seeded subset of ``limit``."""
-    return [Prompt.hh_dialogue(d.id, d.prompt) for d in subset(load_hh_rlhf(), limit, seed)]
-
-
 def diversity_suite(policy: EvalModel, prompts: Sequence[Prompt], setting: SamplingSetting,
                     scorers: Scorers, *, num_samples: int, max_new_tokens: int, batch_size: int,
                     seed: int) -> dict:
     """Diversity and quality of ``num_samples`` responses to each prompt under one sampling setting."""
-    if num_samples < 2:
-        raise EvaluationError("the diversity suite compares responses: --num-samples must be at least 2")
     tok = policy.tokenizer
     budget = policy.max_len - max_new_tokens  # prompt tokens that leave room for a full response
     encoded = [fit_prompt(policy.encode_prompt(p), budget, tok.bos_id) for p in prompts]
     prompt_ids = [ids for ids, _ in encoded]
     generator = torch.Generator(device=policy.device).manual_seed(seed)
+    # Responses end where a plain-text model starts the next "Human:" turn; text and ids are cut there.
+    stops = () if policy.chat else HH_STOP
     samples = sample_responses(policy, prompt_ids, setting, num_samples=num_samples,
                                max_new_tokens=max_new_tokens, batch_size=batch_size, generator=generator,
-                               desc=f"diversity {policy.name} {setting.label}")
-    # Responses as text (cut where a plain-text model starts the next "Human:" turn) and as ids.
-    stops = () if policy.chat else HH_STOP
+                               desc=f"diversity {policy.name} {setting.label}", stop=stops)
     texts, resp_ids, finished = [], [], []
     for toks, fins in zip(samples.tokens, samples.finished, strict=True):
         cut = [response_text(tok, t, stops) for t in toks]
@@ -171,17 +128,14 @@ def diversity_suite(policy: EvalModel, prompts: Sequence[Prompt], setting: Sampl
         "distinct_2": [metrics.distinct_n(t, 2) for t in texts],
         "self_bleu": [metrics.self_bleu(t) for t in texts],
         "fraction_unique": [metrics.fraction_unique(t) for t in texts],
-        "non_word_token_rate": [metrics.non_word_token_rate(t) for t in texts],
         "response_tokens": [float(np.mean([len(r) for r in rs])) for rs in resp_ids],
     }
-    # Embedding cosine distance (eq. 44): a sentence encoder if installed, else the policy's states.
+    if scorers.words is not None:  # an evaluation extra; the runner notes when it is missing
+        per_prompt["non_word_token_rate"] = [metrics.non_word_token_rate(t, scorers.words) for t in texts]
+    # Embedding cosine distance (eq. 44) with a sentence encoder (an extra; else skipped, not faked).
     if scorers.embedder is not None:
-        emb = scorers.embedder.encode([texts[i][j] for i, j in flat])
-    else:
-        emb = response_embeddings(policy.model, [prompt_ids[i] for i, _ in flat],
-                                  [resp_ids[i][j] for i, j in flat], batch_size=batch_size)
-    emb = emb.reshape(len(prompts), n, -1)
-    per_prompt["embedding_cosine_distance"] = [metrics.mean_pairwise_cosine_distance(e) for e in emb]
+        emb = scorers.embedder.encode([texts[i][j] for i, j in flat]).reshape(len(prompts), n, -1)
+        per_prompt["embedding_cosine_distance"] = [metrics.mean_pairwise_cosine_distance(e) for e in emb]
     # Average reward (§4.1's second quality metric).
     if scorers.reward is not None:
         same = scorers.reward.same_encoding(policy)
@@ -202,8 +156,6 @@ def diversity_suite(policy: EvalModel, prompts: Sequence[Prompt], setting: Sampl
                                              for lp, c in zip(logps, counts, strict=True)]
     # LLM-judge diversity (App. B.1), pools of 4 (2 for logical agreement).
     if scorers.judge is not None:
-        if n < 4:
-            raise EvaluationError("the LLM-judge metrics rate pools of 4 responses: use --num-samples >= 4")
         judged: dict[str, list[float | None]] = {}
         pools = list(zip(prompts, texts, strict=True))
         for p, t in tqdm(pools, desc="LLM judge", unit="prompt", leave=False):
@@ -213,144 +165,18 @@ def diversity_suite(policy: EvalModel, prompts: Sequence[Prompt], setting: Sampl
     means, stderr = _summaries(per_prompt)
     summary = {"prompts": len(prompts), "samples_per_prompt": n,
                "prompts_truncated": sum(cut for _, cut in encoded), **means}
-    if samples.ess:
-        summary["sampler_mean_ess"] = float(np.mean(samples.ess))
-        summary["sampler_min_ess"] = float(np.min(samples.ess))
+    summary.update(samples.sampler_summary())  # how the global-temperature samples were drawn
     records = [{"prompt_id": prompts[i].id, "sample": j, "response": texts[i][j], "finished": finished[i][j]}
                for i, j in flat]
     details = {"prompt_ids": [p.id for p in prompts], **per_prompt}
+    if samples.sampler:
+        details["sampler"] = samples.sampler  # each prompt's global-temperature diagnostics
     return {"summary": summary, "stderr": stderr, "details": details, "reference": ref_name,
             "samples": records}
 
 
 # ---------------------------------------------------------------------------------------------
-# Best-of-N math (§4.2)
-# ---------------------------------------------------------------------------------------------
-BESTOFN_DATASETS = ("gsm8k", "math")
-
-
-def load_bestofn_problems(dataset: str, limit: int | None, seed: int) -> list[MathProblem]:
-    """GSM8K test problems, or MATH-500 problems at levels 1, 3 and 5 (the paper's easy/medium/hard).
-
-    ``limit`` is per dataset; for MATH it is spread evenly over the three levels.
-    """
-    if dataset == "gsm8k":
-        return subset(load_gsm8k(), limit, seed)
-    if dataset == "math":
-        problems = load_math(MATH500_LEVELS_1_3_5)
-        if limit is None:
-            return problems
-        per_level = max(1, limit // 3)
-        return [p for level in (1, 3, 5)
-                for p in subset([q for q in problems if q.level == level], per_level, seed)]
-    raise EvaluationError(f"unknown best-of-N dataset {dataset!r}; choose from {BESTOFN_DATASETS}")
-
-
-def bestofn_prompt(dataset: str, problem: MathProblem) -> Prompt:
-    """App. C.4's few-shot prompt for one problem."""
-    text = build_gsm8k_prompt(problem.question) if dataset == "gsm8k" else build_math_prompt(problem.question)
-    return Prompt.user(problem.id, text)
-
-
-def is_correct(dataset: str, completion: str, gold: str) -> bool:
-    return gsm8k_is_correct(completion, gold) if dataset == "gsm8k" else math_is_correct(completion, gold)
-
-
-def solution_of(dataset: str, completion: str) -> str:
-    """The part of a completion that answers our problem (before the next few-shot question)."""
-    return truncate_at_stop(completion, GSM8K_STOP if dataset == "gsm8k" else MATH_STOP)
-
-
-def bestofn_generate(policy: EvalModel, dataset: str, problems: Sequence[MathProblem],
-                     setting: SamplingSetting, *, num_samples: int, max_new_tokens: int, batch_size: int,
-                     seed: int) -> tuple[list[list[str]], int]:
-    """``num_samples`` completions (text) per problem, and how many prompts had to be cut to fit."""
-    tok = policy.tokenizer
-    encoded = [fit_prompt(policy.encode_prompt(bestofn_prompt(dataset, p)), policy.max_len - max_new_tokens,
-                          tok.bos_id) for p in problems]
-    generator = torch.Generator(device=policy.device).manual_seed(seed)
-    samples = sample_responses(policy, [ids for ids, _ in encoded], setting, num_samples=num_samples,
-                               max_new_tokens=max_new_tokens, batch_size=batch_size, generator=generator,
-                               desc=f"{dataset} {policy.name} {setting.label}")
-    return [[tok.decode(t) for t in toks] for toks in samples.tokens], sum(cut for _, cut in encoded)
-
-
-def best_of_n_summary(dataset: str, problems: Sequence[MathProblem], completions: Sequence[Sequence[str]],
-                      difficulty: dict[str, str] | None = None, ks: Sequence[int] = PASS_AT_K) -> dict:
-    """Correctness of every completion, pass@k and redundancy, overall and per difficulty split.
-
-    Splits: MATH by level; GSM8K by ``difficulty`` (problem id -> easy/medium/hard) when given.
-    Returns ``{"splits": {split: metrics}, "correct": per-problem lists of bools}``.
-    """
-    if len(problems) != len(completions):
-        raise ValueError(f"{len(problems)} problems but {len(completions)} completion lists")
-    correct = [[is_correct(dataset, c, p.answer) for c in cs]
-               for p, cs in zip(problems, completions, strict=True)]
-    groups: dict[str, list[int]] = {"all": list(range(len(problems)))}
-    for i, p in enumerate(problems):
-        split = f"level {p.level}" if p.level is not None else (difficulty or {}).get(p.id)
-        if split is not None:
-            groups.setdefault(split, []).append(i)
-    splits = {}
-    for split, idx in groups.items():
-        n = [len(completions[i]) for i in idx]
-        c = [sum(correct[i]) for i in idx]
-        row: dict[str, float | int] = {"problems": len(idx), "samples_per_problem": min(n)}
-        for k, value in metrics.mean_pass_at_k(n, c, ks).items():
-            row[f"pass@{k}"] = value
-        row["fraction_correct"] = float(np.mean([ci / ni for ci, ni in zip(c, n, strict=True)]))
-        redundancy = [metrics.redundancy_fraction([solution_of(dataset, s) for s in completions[i]],
-                                                  correct[i]) for i in idx]
-        row["redundant_solutions"] = _mean(redundancy)
-        row["problems_with_a_correct_solution"] = sum(ci > 0 for ci in c)
-        splits[split] = row
-    return {"splits": splits, "correct": correct}
-
-
-def gsm8k_difficulty(problems: Sequence[MathProblem], correct: Sequence[Sequence[bool]]) -> dict[str, str]:
-    """Easy/medium/hard per GSM8K problem from one model's samples in generation order (§4.2)."""
-    return {p.id: metrics.difficulty_from_first_success(c) for p, c in zip(problems, correct, strict=True)}
-
-
-def read_completions(path: str | Path) -> dict[tuple[str, str], tuple[list[MathProblem], list[list[str]]]]:
-    """Completions generated elsewhere, grouped: {(model, dataset): (problems, completions per problem)}.
-
-    One JSON object per line: ``dataset`` ("gsm8k" or "math"), ``completion`` (the generated
-    text after the prompt), the problem as ``id`` (e.g. "gsm8k-12", or MATH-500's unique_id
-    "test/algebra/1004.json") or ``problem`` (its exact text), and optionally ``answer`` (the
-    gold answer; looked up in data/ when absent) and ``model`` (a curve label, default
-    "completions"). Every completion of a problem counts as one of its n samples.
-    """
-    from spl.evaluation.datasets import read_jsonl
-
-    known = {"gsm8k": load_gsm8k(), "math": load_math()}
-    by_id = {ds: {p.id: p for p in ps} for ds, ps in known.items()}
-    by_text = {ds: {p.question.strip(): p for p in ps} for ds, ps in known.items()}
-    grouped: dict[tuple[str, str], dict[str, tuple[MathProblem, list[str]]]] = {}
-    for r in read_jsonl(path, {"dataset": str, "completion": str}):
-        where, dataset = r["_where"], r["dataset"]
-        if dataset not in BESTOFN_DATASETS:
-            raise EvaluationError(f"{where}: dataset must be one of {BESTOFN_DATASETS}, got {dataset!r}")
-        key = r.get("id") or r.get("problem")
-        if not isinstance(key, str) or not key.strip():
-            raise EvaluationError(f"{where}: give the problem as 'id' or 'problem' (a string)")
-        problem = by_id[dataset].get(key) or by_text[dataset].get(key.strip())
-        if "answer" in r:
-            level = r.get("level", problem.level if problem else None)
-            problem = MathProblem(problem.id if problem else key, problem.question if problem else key,
-                                  "", str(r["answer"]), level=level)
-        elif problem is None:
-            raise EvaluationError(f"{where}: {dataset} problem {key[:60]!r} is not in the shipped data; "
-                                  "give its gold 'answer'")
-        model = str(r.get("model", "completions"))
-        entry = grouped.setdefault((model, dataset), {}).setdefault(problem.id, (problem, []))
-        entry[1].append(r["completion"])
-    return {key: ([p for p, _ in group.values()], [cs for _, cs in group.values()])
-            for key, group in grouped.items()}
-
-
-# ---------------------------------------------------------------------------------------------
-# Multiple choice: calibration (§4.3) and opinions
+# Multiple choice: calibration (§4.3) and opinions (ours)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -403,13 +229,12 @@ def opinions_suite(policy: EvalModel, questions: Sequence[OpinionQuestion], *, p
                    batch_size: int) -> dict:
     """The model's renormalized answer-letter distribution against the population's, per question.
 
+    Our suite, not one of the paper's: GlobalOpinionQA (Durmus et al. 2023) asks whether the
+    model's answer distribution matches a population's, the multiple-choice reading of Cor. 3.2.
     KL(population || model) (nats, model floored at 1e-6) and total variation, averaged over
     questions, beside a uniform-answer baseline and the rate at which the model's top answer is
-    the population's.
+    the population's. Every question must carry ``population`` (the runner selects them).
     """
-    questions = [q for q in questions if population in q.distributions]
-    if not questions:
-        raise EvaluationError(f"no opinion question carries a distribution for population {population!r}")
     prompts = [Prompt.user(q.id, q.prompt()) for q in questions]
     scores = option_probabilities(policy, prompts, [list(LETTERS[:len(q.options)]) for q in questions],
                                   batch_size=batch_size, desc=f"opinions {policy.name}")
