@@ -146,7 +146,7 @@ def measure(questions, ref, trained, alpha: float) -> dict:
 def run_config(out: Path, alpha: float, args) -> Config:
     """One alpha's SPL run, full fine-tuning (a table needs its rows, the prompt embeddings, to move;
     LoRA cannot reach them). The reference log-probs are cached once for every alpha."""
-    return Config(lora=LoRAConfig(enabled=False), data=DataConfig(chat_template=False),
+    return Config(lora=LoRAConfig(enabled=False), data=DataConfig(chat_template="none"),
                   train=TrainConfig(mode="spl", alpha=alpha, beta=BETA, lr=args.lr, warmup_steps=20,
                                     max_steps=args.steps, batch_size=args.batch, micro_batch_size=args.batch,
                                     min_lr_ratio=0.01, out_dir=str(out / f"alpha_{alpha:g}"),
@@ -173,7 +173,7 @@ def sweep(args) -> tuple[dict, list[SurveyQuestion], list[torch.Tensor]]:
     tic = time.perf_counter()
     ref_dir = out / "reference"
     if not (ref_dir / "config.json").is_file():
-        base = Config(lora=LoRAConfig(enabled=False), data=DataConfig(chat_template=False))
+        base = Config(lora=LoRAConfig(enabled=False), data=DataConfig(chat_template="none"))
         fit_reference(base, env, questions, ref_dir, model_config, steps=args.reference_steps, copies=4,
                       batch_size=1024)
     tok = Tokenizer(ref_dir / "tokenizer.model", "none")

@@ -63,6 +63,10 @@ NON_ANSWER_COMPARISONS = 30  # per (option, token that is no answer): keeps the 
 REFERENCE_COPIES = 16  # SFT answers per option per question: every option equally often
 REFERENCE_STEPS = 400  # SFT steps fitting the uniform reference
 REFERENCE_LR = 1e-2  # its peak learning rate: the format (letter, then </s>) must hold firmly
+# AdamW's beta2 forgets the large early gradients within ~20 steps, so the weights keep pushing the
+# logits of every token that is not an answer down (their gradients are tiny but consistent): with
+# the default 0.999 they stall ~10 nats below the answers, and global tempering finds that mass.
+REFERENCE_ADAM_BETAS = [0.9, 0.95]
 QUESTIONS_FILE = "questions.jsonl"  # beside a run's checkpoints: what it trained on
 
 
@@ -390,7 +394,7 @@ def fit_reference(cfg: Config, env, questions: list[SurveyQuestion], ref_dir: Pa
     torch.manual_seed(cfg.train.seed)
     model = Transformer(model_cfg_for(tok.vocab_size)).to(env.device)
     sft_cfg = replace(cfg, lora=replace(cfg.lora, enabled=False),
-                      train=replace(cfg.train, mode="sft", lr=lr, max_steps=steps, warmup_steps=10,
+                      train=replace(cfg.train, mode="sft", lr=lr, adam_betas=list(REFERENCE_ADAM_BETAS), max_steps=steps, warmup_steps=10,
                                     batch_size=batch_size, micro_batch_size=batch_size, min_lr_ratio=0.01,
                                     out_dir=str(work), resume=False, overwrite=True, ref_cache=None,
                                     eval_every=10**9, save_every=10**9, report_to=[]))
