@@ -143,12 +143,12 @@ def measure(questions, ref, trained, alpha: float) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
-def run_config(out: Path, alpha: float, args) -> Config:
+def run_config(out: Path, alpha: float, args, n_pairs: int) -> Config:
     """One alpha's SPL run, full fine-tuning (a table needs its rows, the prompt embeddings, to move;
     LoRA cannot reach them). The reference log-probs are cached once for every alpha."""
     return Config(lora=LoRAConfig(enabled=False), data=DataConfig(chat_template="none"),
                   train=TrainConfig(mode="spl", alpha=alpha, beta=BETA, lr=args.lr, warmup_steps=20,
-                                    max_steps=args.steps, batch_size=args.batch, micro_batch_size=args.batch,
+                                    max_steps=args.steps, batch_size=min(args.batch, n_pairs), overwrite=True,
                                     min_lr_ratio=0.01, out_dir=str(out / f"alpha_{alpha:g}"),
                                     save_every=args.steps, eval_every=10**9, log_every=50, keep_checkpoints=1,
                                     ref_cache=str(out / "reference_logps.safetensors")))
@@ -191,7 +191,7 @@ def sweep(args) -> tuple[dict, list[SurveyQuestion], list[torch.Tensor]]:
         tic = time.perf_counter()
         model, _ = load_model(ref_dir)
         torch.manual_seed(0)
-        cfg = run_config(out, alpha, args)
+        cfg = run_config(out, alpha, args, len(pairs))
         kind = "DPO" if alpha == BETA else "SPL"
         print(f"\n{kind} alpha={alpha:g} beta={BETA:g}: {args.steps} steps on {len(pairs)} pairs")
         trainer = Trainer(cfg, env, model, pairs, tokenizer_path=str(ref_dir / "tokenizer.model"),
@@ -237,7 +237,8 @@ def check_with_evaluate(out: Path, results: dict, questions: list[SurveyQuestion
     for population in sorted({q.population_name for q in questions}):
         dest = out / "evaluate" / population.replace(" ", "_")
         cmd = [sys.executable, str(ROOT / "evaluate.py"), "--suite", "opinions", "--opinions-file",
-               str(out / QUESTIONS_FILE), "--population", population, "--limit", str(len(questions)),
+               str(out / QUESTIONS_FILE), "--population", population,
+               "--limit", str(sum(q.population_name == population for q in questions)),
                "--out", str(dest), "--device", "cpu"]
         for a in alphas:
             cmd += ["--checkpoint", str(out / f"alpha_{a}")]

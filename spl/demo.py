@@ -393,13 +393,15 @@ def fit_reference(cfg: Config, env, questions: list[SurveyQuestion], ref_dir: Pa
     tok = Tokenizer(tok_path, "none")
     torch.manual_seed(cfg.train.seed)
     model = Transformer(model_cfg_for(tok.vocab_size)).to(env.device)
+    data_kw = dict(max_len=cfg.data.max_len, max_prompt_len=cfg.data.max_prompt_len)
+    sft = SFTDataset.from_records(reference_records(questions, copies, cfg.train.seed), tok, **data_kw)
+    batch_size = min(batch_size, len(sft))  # a small question set is one batch
     sft_cfg = replace(cfg, lora=replace(cfg.lora, enabled=False),
-                      train=replace(cfg.train, mode="sft", lr=lr, adam_betas=list(REFERENCE_ADAM_BETAS), max_steps=steps, warmup_steps=10,
+                      train=replace(cfg.train, mode="sft", lr=lr, adam_betas=list(REFERENCE_ADAM_BETAS),
+                                    max_steps=steps, warmup_steps=10,
                                     batch_size=batch_size, micro_batch_size=batch_size, min_lr_ratio=0.01,
                                     out_dir=str(work), resume=False, overwrite=True, ref_cache=None,
                                     eval_every=10**9, save_every=10**9, report_to=[]))
-    data_kw = dict(max_len=cfg.data.max_len, max_prompt_len=cfg.data.max_prompt_len)
-    sft = SFTDataset.from_records(reference_records(questions, copies, cfg.train.seed), tok, **data_kw)
     print0(env, f"stage 1/2: fitting the reference policy ({len(sft)} answers, uniform over each "
                 f"question's options, {steps} steps)")
     Trainer(sft_cfg, DistEnv(device=env.device), model, sft, tokenizer_path=str(tok_path)).train()
