@@ -262,8 +262,9 @@ def main(argv: list[str] | None = None) -> int:
                 from spl.demo import answer_tally  # the samples counted beside the exact pi^(1/T)
                 k = args.num_samples
                 for p in range(len(batch)):
+                    log_z = res.diagnostics(p).get("log_z")
                     print(answer_tally(model, tok, questions[start + p], res.tokens[p * k:(p + 1) * k],
-                                       args.global_temp) + "\n")
+                                       args.global_temp, log_z) + "\n")
     finally:
         if out_file:
             out_file.close()

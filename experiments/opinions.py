@@ -399,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=1e-2, help="peak learning rate of the SPL stage (1e-2)")
     p.add_argument("--comparisons", type=int, default=200, help="comparisons per pair of options (200)")
     p.add_argument("--non-answers", type=int, default=0, help="comparisons per (option, other token) (0)")
-    p.add_argument("--batch", type=int, default=4096, help="pairs per SPL step (4096)")
+    p.add_argument("--batch", type=int, default=2048, help="pairs per SPL step (2048)")
     p.add_argument("--reference-steps", type=int, default=600, help="SFT steps of the reference (600)")
     p.add_argument("--us", type=int, help="first N US questions only (default: all 181)")
     p.add_argument("--pooled", type=int, help="first N pooled questions only (default: all)")

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 from dataclasses import replace
 from pathlib import Path
 
@@ -255,13 +256,15 @@ def well_formed_mass(model, tok, questions: list[SurveyQuestion]) -> list[float]
 
 
 def answer_tally(model, tok, question: SurveyQuestion, completions: list[list[int]],
-                 temperature: float) -> str:
+                 temperature: float, log_z: float | None = None) -> str:
     """Sampled answers counted beside the exact global-temperature distribution over the answers.
 
     ``completions`` are the sampled token ids (eos included). The exact target among well-formed
     answers is pi_T(a) ∝ pi(" a</s>")^(1/T) (eqs. 7-10 restricted to them; the line under the
     table says how much of the untempered mass they hold). A completion that is not one option
-    letter followed by "</s>" counts as malformed.
+    letter followed by "</s>" counts as malformed. ``log_z``, the sampler's estimate of
+    log sum_y pi(y)^(1/T) over every sequence, gives the share of pi^(1/T) that is malformed:
+    tempering raises a small leak p to p^(1/T), so it is larger there than in pi.
     """
     logp = answer_logprobs(model, tok, question)  # (K,) whole answers, letter and eos
     exact = torch.softmax(logp / temperature, dim=0)  # (K,)
@@ -282,7 +285,12 @@ def answer_tally(model, tok, question: SurveyQuestion, completions: list[list[in
         lines.append(f"  {label:<34}{counts[k]:>8}{counts[k] / n:>7.2f}{exact[k].item():>12.3f}"
                      f"{plain[k].item():>11.3f}")
     lines.append(f"  {'malformed':<34}{malformed:>8}{malformed / n:>7.2f}")
-    lines.append(f"  (well-formed answers hold {logp.exp().sum().item():.4f} of the model's untempered mass)")
+    lines.append(f"  (well-formed answers hold {logp.exp().sum().item():.4f} of the model's untempered mass")
+    if log_z is not None:  # sum over well-formed answers of pi^(1/T), against the estimated total
+        held = math.exp(torch.logsumexp(logp / temperature, dim=0).item() - log_z)
+        lines[-1] += (f" and ~{min(held, 1.0):.3f} of pi^(1/{temperature:g}), by the sampler's estimate "
+                      "of its total")
+    lines[-1] += ")"
     return "\n".join(lines)
 
 
