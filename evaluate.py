@@ -115,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--judge-key-env", default="OPENAI_API_KEY",
                    help="environment variable holding the judge's API key (never printed)")
     g.add_argument("--population", default="United States", help="GlobalOpinionQA population (opinions)")
+    g.add_argument("--opinions-file", metavar="FILE.jsonl",
+                   help="opinion questions in GlobalOpinionQA's format (default: the shipped US file; "
+                   "experiments/opinions.py writes its own)")
     g.add_argument("--ece-bins", type=int, default=10, help="equal-width confidence bins for ECE (10)")
     return p
 
@@ -142,8 +145,8 @@ def main(argv: list[str] | None = None) -> int:
             judge_key_env=args.judge_key_env, completions=args.completions,
             difficulty_from=args.difficulty_from,
             datasets=_words(args.datasets) or ["gsm8k", "math", "mmlu", "truthfulqa"],
-            population=args.population, ece_bins=args.ece_bins, batch_size=args.batch_size,
-            device=args.device, dtype=args.dtype)
+            population=args.population, opinions_file=args.opinions_file, ece_bins=args.ece_bins,
+            batch_size=args.batch_size, device=args.device, dtype=args.dtype)
         run_evaluation(cfg)
     except (EvaluationError, CheckpointError, DataError, JudgeError, FileNotFoundError) as e:
         print(f"evaluate.py: {e}", file=sys.stderr)

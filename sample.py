@@ -188,8 +188,9 @@ def main(argv: list[str] | None = None) -> int:
 
     found = peek_checkpoint(args)
     max_seq_len, tok_path = found.config.max_seq_len, found.tokenizer
+    questions = None  # an opinion run's survey questions, when its own are asked (answer tallies)
     if not prompts:
-        prompts = default_prompts(Path(args.checkpoint))
+        prompts, questions = default_prompts(Path(args.checkpoint))
     # Prompts, chat template and context checked with the tokenizer alone, before any weights.
     try:
         early = Tokenizer(tok_path)
@@ -257,6 +258,13 @@ def main(argv: list[str] | None = None) -> int:
             for w in caught:
                 print(f"warning: {w.message}", file=sys.stderr)
             _report(args, tok, stop, prompts, start, len(batch), res, method, glob, streaming, out_file)
+            if questions and glob and args.num_samples > 1:
+                from spl.demo import answer_tally  # the samples counted beside the exact pi^(1/T)
+                k = args.num_samples
+                for p in range(len(batch)):
+                    log_z = res.diagnostics(p).get("log_z")
+                    print(answer_tally(model, tok, questions[start + p], res.tokens[p * k:(p + 1) * k],
+                                       args.global_temp, log_z) + "\n")
     finally:
         if out_file:
             out_file.close()
@@ -315,14 +323,14 @@ def _streamer(tok, prompt):
     return on_token
 
 
-def default_prompts(checkpoint: Path) -> list[str]:
-    """The demo's questions when sampling the demo checkpoint; else ask for a prompt."""
+def default_prompts(checkpoint: Path) -> tuple[list[str], list]:
+    """An opinion run's own survey questions (the demo's) and the questions; else ask for a prompt."""
     from spl.checkpoint import resolve_checkpoint
+    from spl.demo import run_questions
 
-    source = resolve_checkpoint(checkpoint)
-    if (source / "trainer_state.json").is_file() and (source.parent.parent / "demo_results.json").is_file():
-        from spl.demo import QUESTIONS, format_prompt
-        return [format_prompt(q, opts) for q, opts, _ in QUESTIONS]
+    questions = run_questions(resolve_checkpoint(checkpoint))
+    if questions:
+        return [q.prompt() for q in questions], questions
     fail("give --prompt or --prompts-file")
 
 

@@ -213,13 +213,13 @@ def main() -> None:
                 print(f"(skipping demo: {args.demo} not found; build it with `python train.py`)")
                 continue
             from spl.checkpoint import load_for_inference
-            from spl.demo import QUESTIONS, format_prompt
+            from spl.demo import demo_questions
             from spl.lora import merge
             loaded = load_for_inference(args.demo, device=args.device)
             if loaded.has_adapter:
                 merge(loaded.model)
             model, eos = loaded.model, loaded.tokenizer.eos_id
-            prompts = [loaded.tokenizer.encode(format_prompt(q, o), bos=True) for q, o, _ in QUESTIONS]
+            prompts = [loaded.tokenizer.encode(q.prompt(), bos=True) for q in demo_questions()]
         else:
             model = (markov_model() if model_name == "markov" else random_model()).to(args.device)
             eos = 0

@@ -175,8 +175,9 @@ class TrainConfig:
     divergence_alpha: float = 0.5  # alpha_divergence's a: 0 reverse KL ... 1 forward KL (TRL's coef is 1 - a)
     lr: float = 1e-3
     weight_decay: float = 0.0
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW (beta1, beta2)
     warmup_steps: int = 20
-    max_steps: int = 400
+    max_steps: int = 1500
     schedule: str = "cosine"  # cosine | linear | constant, after linear warmup
     min_lr_ratio: float = 0.1  # decay floor as a fraction of lr
     batch_size: int = 64  # pairs (or sequences) per optimizer step, over all ranks
@@ -220,6 +221,9 @@ class TrainConfig:
             raise ConfigError("train.resume and train.overwrite contradict each other; set one")
         if self.warmup_steps < 0 or self.weight_decay < 0 or self.grad_clip < 0:
             raise ConfigError("train.warmup_steps, train.weight_decay and train.grad_clip must be >= 0")
+        if (len(self.adam_betas) != 2 or isinstance(self.adam_betas, str)
+                or not all(isinstance(b, int | float) and 0 <= b < 1 for b in self.adam_betas)):
+            raise ConfigError(f"train.adam_betas must be two numbers in [0, 1), got {self.adam_betas}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError(f"train.min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio}")
 
@@ -278,7 +282,8 @@ def _choice(name: str, value, options: tuple) -> None:
 
 def _check_type(name: str, value, annotation):
     """Coerce ``value`` to a dataclass field's annotation (int -> float is allowed) or raise."""
-    hint = typing.get_type_hints(annotation[0], globalns=vars(sys.modules[__name__]))[annotation[1]]
+    hint = (annotation if not isinstance(annotation, tuple)  # a list's item type
+            else typing.get_type_hints(annotation[0], globalns=vars(sys.modules[__name__]))[annotation[1]])
     union = typing.get_origin(hint) in (typing.Union, types.UnionType)
     args = typing.get_args(hint) if union else ()  # list[str]'s args are its items' type, not choices
     optional = type(None) in args
@@ -291,9 +296,10 @@ def _check_type(name: str, value, annotation):
     if others and isinstance(value, tuple(others)):  # int | str: "auto" or a count
         return value
     if typing.get_origin(base) is list:
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise ConfigError(f"{name} must be a list of strings, got {value!r}")
-        return value
+        item = typing.get_args(base)[0]
+        if not isinstance(value, list):
+            raise ConfigError(f"{name} must be a list of {item.__name__}, got {value!r}")
+        return [_check_type(f"{name}[{i}]", v, item) for i, v in enumerate(value)]
     if base is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if base is float and isinstance(value, str):  # YAML reads 1e-5 (no dot) as a string

@@ -139,7 +139,8 @@ class Trainer:
             raise TrainingError("no trainable parameters: enable LoRA or unfreeze the model")
         # fused: one kernel over all parameters (CPU and CUDA), several times faster than foreach
         # for full fine-tuning; the update itself is the same AdamW.
-        self.optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, betas=(0.9, 0.999),
+        self.optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay,
+                                           betas=tuple(t.adam_betas),
                                            fused=env.device.type in ("cpu", "cuda"))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
         try:

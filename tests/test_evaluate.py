@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 
 from evaluate import main as evaluate_main
 from spl.data import Where, parse_hh
-from spl.demo import demo_model_config, train_demo_tokenizer
+from spl.demo import demo_model_config, demo_questions, train_tokenizer
 from spl.evaluation.datasets import MultipleChoice, load_gsm8k, load_math
 from spl.evaluation.options import EvalConfig, plan_evaluation
 from spl.evaluation.runner import run_evaluation
@@ -88,7 +88,7 @@ def test_evaluate_demo_end_to_end(demo_run, tmp_path, monkeypatch):
     demo = results["demo"]["run"]["summary"]
     assert (demo["alpha"], demo["beta"]) == (1.0, 0.1)
     assert demo["tv_spl_theory_trained"] < 0.1 < demo["tv_population_reference"]
-    assert len(results["demo"]["run"]["answers"]) == 16
+    assert len(results["demo"]["run"]["answers"]) == 6 * 3  # six questions, three options each
 
     opinions = results["opinions"]["run"]
     assert opinions["questions"] == 3 and 0 <= opinions["tv"] <= 1 and opinions["kl"] >= 0
@@ -370,10 +370,10 @@ def test_limits_are_exact_or_refused(demo_run):
 def tiny(tmp_path_factory) -> EvalModel:
     """A random tiny Mistral with the demo's tokenizer (trained here in a fraction of a second)."""
     path = tmp_path_factory.mktemp("tok") / "tokenizer.model"
-    train_demo_tokenizer(path)
+    train_tokenizer(path, demo_questions())
     tok = Tokenizer(path)
     torch.manual_seed(0)
-    model = Transformer(demo_model_config(tok.vocab_size)).eval()
+    model = Transformer(demo_model_config(max(tok.vocab_size, 64))).eval()  # room for raw ids below
     return EvalModel("tiny", path.parent, model, tok, chat=False)
 
 
@@ -387,8 +387,8 @@ def brute_force_logprob(model: Transformer, prompt: list[int], continuation: lis
 
 def test_option_probabilities_match_brute_force(tiny):
     """Renormalized option-letter probabilities (App. D) equal a per-option full forward."""
-    questions = [MultipleChoice("q1", "Which season?", ["Spring", "Summer", "Autumn", "Winter"], 2),
-                 MultipleChoice("q2", "Which pet?", ["Dog", "Cat", "Fish"], 0)]
+    questions = [MultipleChoice("q1", "Which season?", ["Spring", "Summer", "Autumn"], 2),
+                 MultipleChoice("q2", "Which pet?", ["Dog", "Cat"], 0)]  # the demo tokenizer's letters: A-C
     prompts = [Prompt.user(q.id, q.prompt()) for q in questions]
     scores = option_probabilities(tiny, prompts, [q.letters for q in questions], batch_size=2, desc="test")
     assert (scores.kept, scores.truncated, scores.skipped) == ([0, 1], 0, 0)

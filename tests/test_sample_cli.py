@@ -106,7 +106,7 @@ def test_global_temperature_on_demo_checkpoint(demo_run, tmp_path):
     run = run_script(["sample.py", "--checkpoint", str(demo_run), "--global-temp", "2", "--num-samples", "3",
                       "--max-new-tokens", "6", "--batch-size", "20", "--output", str(out)])
     rows = read(out)
-    assert len(rows) == 4 * 3  # the demo's four questions by default
+    assert len(rows) == 6 * 3  # the demo's six questions by default
     for r in rows:
         assert set(r) == {"prompt", "completion", "num_tokens", "logp", "finish_reason", "method",
                           "temperature", "sampler"}
@@ -116,7 +116,7 @@ def test_global_temperature_on_demo_checkpoint(demo_run, tmp_path):
         assert 1 <= d["distinct_lineages"] <= 3 and d["min_step_ess"] <= d["ess"] + 1e-6
         assert r["finish_reason"] in ("eos", "length")
     # The terminal shows each prompt's diagnostics.
-    assert run.stdout.count("distinct of 3 from") == 4 and "lowest per step" in run.stdout
+    assert run.stdout.count("distinct of 3 from") == 6 and "lowest per step" in run.stdout
 
 
 def test_token_level_same_seed_same_text_and_layouts(demo_run, tmp_path):
@@ -137,10 +137,11 @@ def test_token_level_same_seed_same_text_and_layouts(demo_run, tmp_path):
 def test_smc_with_moves_and_stop_strings(demo_run, tmp_path):
     out = tmp_path / "smc.jsonl"
     run_script(["sample.py", "--checkpoint", str(demo_run), "--global-temp", "0.5", "--method", "smc",
-                "--moves", "1", "--num-samples", "2", "--max-new-tokens", "5", "--stop", ".",
+                "--moves", "1", "--num-samples", "2", "--max-new-tokens", "5", "--stop", "A",
                 "--output", str(out)])
     rows = read(out)
     assert all(r["method"] == "smc" and r["sampler"]["resamples"] >= 0 for r in rows)
-    # Answers look like " A. Spring": the stop "." ends them after the letter, and is cut from the text.
+    # Answers are one letter (" A"); A is the majority answer of four of the six questions: the stop
+    # string "A" ends those answers, and is cut from the text.
     stopped = [r for r in rows if r["finish_reason"] == "stop"]
-    assert stopped and all("." not in r["completion"] for r in stopped)
+    assert stopped and all("A" not in r["completion"] for r in stopped)

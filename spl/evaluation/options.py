@@ -28,6 +28,9 @@ from spl.evaluation.scoring import EvaluationError, Prompt, SamplingSetting, is_
 
 SUITES = ("demo", "opinions", "diversity", "bestofn", "calibration", "political")
 DEMO_SUITES = ["demo", "opinions", "diversity"]
+# The demo run with no sampling flag: diversity against quality as curves, token-level and global.
+DEMO_TEMPERATURES = (0.5, 1.0, 1.5, 2.0)
+DEMO_GLOBAL_TEMPS = (1.0, 1.5, 2.0, 3.0)
 CALIBRATION_DATASETS = ("mmlu", "truthfulqa")
 DATASETS = BESTOFN_DATASETS + CALIBRATION_DATASETS
 MATH_LEVELS = {1, 3, 5}  # §4.2: the paper's easy, medium and hard MATH problems
@@ -80,6 +83,7 @@ class EvalConfig:
     difficulty_from: str | None = None  # GSM8K splits: a model, a completions file or a fixed file
     datasets: list[str] = field(default_factory=lambda: list(DATASETS))
     population: str = "United States"
+    opinions_file: str | None = None  # GlobalOpinionQA-format questions (default: the shipped US file)
     ece_bins: int = 10
     batch_size: int = 32  # rows per forward or per sampling call
     device: str = "auto"
@@ -184,7 +188,8 @@ def plan_evaluation(cfg: EvalConfig) -> Plan:
         _exists(path, "--checkpoint", " (train it first: python train.py)" if path == "runs/demo" else "")
     for path, flag in ((cfg.adapter, "--adapter"), (cfg.tokenizer, "--tokenizer"),
                        (cfg.reward_model, "--reward-model"), (cfg.reference, "--reference"),
-                       (cfg.completions, "--completions"), (cfg.difficulty_from, "--difficulty-from")):
+                       (cfg.completions, "--completions"), (cfg.difficulty_from, "--difficulty-from"),
+                       (cfg.opinions_file, "--opinions-file")):
         _exists(path, flag)
     configs = [read_run_config(c) for c in checkpoints]
     demo = bool(checkpoints) and all(is_demo_config(c) for c in configs)
@@ -199,7 +204,12 @@ def plan_evaluation(cfg: EvalConfig) -> Plan:
     sizes = {name: getattr(cfg, _FLAG_OF.get(name, name)) for name in SIZES}
     sizes = {name: SIZES[name][0 if demo else 1] if v is None else v for name, v in sizes.items()}
     out = Path(cfg.out or (Path(checkpoints[0]) / "eval" if checkpoints else "runs/eval"))
-    plan = Plan(checkpoints, configs, demo, list(suites), out, sizes, cfg.settings())
+    settings = cfg.settings()
+    if demo and settings == [SamplingSetting()]:  # no sampling flag: a curve per kind of temperature
+        settings = [SamplingSetting(t) for t in DEMO_TEMPERATURES] + [
+            SamplingSetting(global_temp=t, method=cfg.method, num_candidates=cfg.num_candidates)
+            for t in DEMO_GLOBAL_TEMPS]
+    plan = Plan(checkpoints, configs, demo, list(suites), out, sizes, settings)
 
     # The LLM judge: optional for diversity (its metrics are then skipped), required for political.
     if "diversity" in suites or "political" in suites:
@@ -229,7 +239,8 @@ def plan_evaluation(cfg: EvalConfig) -> Plan:
         plan.statements = select(datasets.load_political_compass(), sizes["political_limit"], cfg.seed,
                                  "Political Compass statements")
     if "opinions" in suites:
-        questions = [q for q in datasets.load_global_opinions() if cfg.population in q.distributions]
+        questions = [q for q in datasets.load_global_opinions(cfg.opinions_file)
+                     if cfg.population in q.distributions]
         if not questions:
             raise EvaluationError(f"no GlobalOpinionQA question carries a distribution for population "
                                   f"{cfg.population!r}")

@@ -176,7 +176,8 @@ class _Evaluation:
         run_label = _temperature_label(em) or name
 
         def point_of(s: SamplingSetting) -> tuple[str, str]:
-            return (s.label, run_label) if many else (name, s.label)
+            kind = "global T" if s.global_temp is not None else "token-level t"
+            return (s.label, run_label) if many else (f"{name} {kind}", s.label)
 
         if "demo" in chosen:
             result = suites.demo_suite(em)

@@ -265,23 +265,26 @@ def opinions_suite(policy: EvalModel, questions: Sequence[OpinionQuestion], *, p
 def demo_suite(policy: EvalModel) -> dict:
     """The demo questions' answer distributions: trained model, reference, population, theory.
 
-    The trained distribution is the model's sequence probabilities of the four answers,
-    renormalized (``spl.demo.answer_distributions``); the reference is the same weights with
+    The questions are the run's own (its questions.jsonl), else the default demo's. The trained
+    distribution is the model's option-letter probabilities renormalized over the options
+    (``spl.demo.answer_distributions``); the reference is the same weights with
     adapters disabled. SPL's optimum ``ref^(beta/alpha) * p^(1/alpha)`` uses alpha and beta from
     the run's config.yaml, and is left out when the checkpoint has none.
     """
-    from spl.demo import QUESTIONS, answer_distributions, theory
+    from spl.demo import answer_distributions, demo_questions, run_questions, theory
 
     train = (policy.config or {}).get("train", {})
     alpha, beta = train.get("alpha"), train.get("beta")
     has_theory = train.get("mode") == "spl" and alpha is not None and beta is not None
-    trained = answer_distributions(policy.model, policy.tokenizer)
-    reference = answer_distributions(policy.model, policy.tokenizer, adapters=False)
+    questions = run_questions(policy.source or policy.path) or demo_questions()  # what the run trained on
+    trained = answer_distributions(policy.model, policy.tokenizer, questions)
+    reference = answer_distributions(policy.model, policy.tokenizer, questions, adapters=False)
     rows, per_question = [], {"kl_population_trained": [], "tv_population_trained": [],
                               "kl_population_reference": [], "tv_population_reference": []}
     if has_theory:
         per_question.update({"tv_spl_theory_trained": [], "kl_spl_theory_trained": []})
-    for (question, options, pop), got, ref in zip(QUESTIONS, trained, reference, strict=True):
+    for q, got, ref in zip(questions, trained, reference, strict=True):
+        question, options, pop = q.text, q.options, q.population
         pop_t = torch.tensor(pop, dtype=torch.float64)
         per_question["kl_population_trained"].append(metrics.kl_divergence(pop, got.tolist()))
         per_question["tv_population_trained"].append(metrics.total_variation(pop, got.tolist()))
