@@ -34,6 +34,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from spl.data import DataError
+
 DATA_DIR = Path(__file__).resolve().parents[1] / "data" / "global_opinions"
 US_FILE = DATA_DIR / "globalopinionqa_united_states.jsonl"
 ALL_COUNTRIES_FILE = DATA_DIR / "globalopinionqa_first400_questions_all_countries.jsonl"
@@ -50,8 +52,12 @@ NON_SUBSTANTIVE = re.compile(
     r"^(dk\b|don.?t know|refused|no answer|(other )?missing|not available|total\b)", re.IGNORECASE)
 
 
-class SurveyError(ValueError):
+class SurveyError(DataError):
     """A survey file or request that cannot be used; the message names the file, line and question."""
+
+    def __init__(self, message: str) -> None:  # the message already says where (file, line, question)
+        ValueError.__init__(self, message)
+        self.where, self.field = None, None
 
 
 @dataclass(frozen=True)

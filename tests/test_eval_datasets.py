@@ -139,9 +139,10 @@ def test_semantic_errors(tmp_path):
                                          "mc1_labels": [1, 1]})])
     with pytest.raises(DataError, match=_error(path, 1, "mc1_labels", "must mark exactly one")):
         load_truthfulqa_mc1(path)
-    path = _write(tmp_path, [json.dumps({"question_text": "q", "options": ["a", "b"], "population": "X",
-                                         "distribution": [0.5]})])
-    with pytest.raises(DataError, match=_error(path, 1, "distributions", "X has a distribution")):
-        load_global_opinions(path)
+    path = _write(tmp_path, [json.dumps({"id": 7, "question_text": "q", "options": ["a", "b"],
+                                         "population": "X", "distribution": [0.5]})])
+    message = f"{path}, line 1 (question goqa-7), X: 1 shares for 2 options"
+    with pytest.raises(DataError, match=re.escape(message)):
+        load_global_opinions(path)  # spl.survey's strict reader (tests/test_survey.py has the rest)
     with pytest.raises(FileNotFoundError, match="not found"):
         load_mmlu("no/such/file.jsonl")

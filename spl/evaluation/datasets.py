@@ -11,12 +11,12 @@ datasets are posed to the model: letters, option order and the shuffle that Trut
 """
 
 import random
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from spl.data import DataError, Where, read_jsonl
+from spl import survey
+from spl.data import DataError, read_jsonl
 from spl.evaluation.math_answers import gsm8k_gold_answer
 
 # The repository's data folder (spl/evaluation/datasets.py -> repo root / data).
@@ -238,12 +238,6 @@ def load_hh_rlhf(path: str | Path | None = None) -> list[Dialogue]:
 # ---------------------------------------------------------------------------------------------
 # Opinions
 # ---------------------------------------------------------------------------------------------
-# Options that are not an opinion: "DK/Refused", "Don't know", "No answer", "Missing; Not
-# available", "Other missing; ..." and the upstream artifact "Total N=" rows.
-_NON_SUBSTANTIVE = re.compile(
-    r"^(dk\b|don.?t know|refused|no answer|(other )?missing|not available|total\b)", re.IGNORECASE)
-
-
 @dataclass
 class OpinionQuestion:
     """A survey question with each population's answer shares over ``options``."""
@@ -262,52 +256,24 @@ class OpinionQuestion:
         return f"Question: {self.question}\nOptions: {options}\nAnswer:"
 
 
-def _drop_non_substantive(q: OpinionQuestion, where: Where) -> OpinionQuestion | None:
-    keep = [i for i, o in enumerate(q.options) if not _NON_SUBSTANTIVE.match(o.strip())]
-    if len(keep) < 2:
-        return None  # nothing left to compare
-    dists = {}
-    for population, dist in q.distributions.items():
-        kept = [dist[i] for i in keep]
-        if sum(kept) <= 0:
-            raise DataError(where, "distributions", f"{population} puts all mass on non-substantive options")
-        dists[population] = [x / sum(kept) for x in kept]
-    return OpinionQuestion(q.id, q.question, [q.options[i] for i in keep], dists)
-
-
 def load_global_opinions(path: str | Path | None = None,
                          substantive_only: bool = False) -> list[OpinionQuestion]:
-    """GlobalOpinionQA questions, from either shipped file.
+    """GlobalOpinionQA questions, from either shipped file, read strictly by ``spl.survey``.
 
     The single-country file has ``population``/``distribution``; the all-countries file has
-    ``distributions`` (country -> shares). With ``substantive_only`` options such as
-    "DK/Refused" are dropped and each distribution renormalized over the rest; questions left
-    with fewer than two options are skipped.
+    ``distributions`` (country -> shares). Shares must sum to 1 (``spl.survey.SUM_TOLERANCE``);
+    errors name the file, line and question id. With ``substantive_only`` options such as
+    "DK/Refused" are dropped and each distribution renormalized over the rest (``spl.survey``'s
+    rule); questions left with fewer than two options are skipped.
     """
     path = _resolve(path, GLOBAL_OPINIONS_US)
     questions = []
-    for r in read_records(path, {"question_text": str, "options": list}):
-        where = r["_where"]
-        if "distributions" in r:
-            dists, qid = r["distributions"], r.get("min_id")
-        elif "distribution" in r and "population" in r:
-            dists, qid = {r["population"]: r["distribution"]}, r.get("id")
-        else:
-            raise DataError(where, "distribution", "missing (give it with 'population', or give "
-                                                   "'distributions')")
-        if not isinstance(dists, dict):
-            raise DataError(where, "distributions", "should be an object")
-        for population, dist in dists.items():
-            if not isinstance(dist, list) or len(dist) != len(r["options"]):
-                raise DataError(where, "distributions", f"{population} has a distribution that does not "
-                                                        f"match the {len(r['options'])} options")
-            if any(not isinstance(x, (int, float)) or x < 0 for x in dist) or abs(sum(dist) - 1) > 0.05:
-                raise DataError(where, "distributions", f"{population}'s shares must be >= 0 and sum to ~1")
-        q = OpinionQuestion(f"goqa-{qid}", r["question_text"], r["options"], dict(dists))
+    for qid, text, options, groups, where in survey.read_questions(path):
         if substantive_only:
-            q = _drop_non_substantive(q, where)
-        if q is not None:
-            questions.append(q)
+            if sum(not survey.NON_SUBSTANTIVE.match(o.strip()) for o in options) < 2:
+                continue  # nothing left to compare
+            options, groups = survey.substantive(options, groups, where)
+        questions.append(OpinionQuestion(qid, text, options, dict(groups)))
     return questions
 
 
