@@ -298,7 +298,8 @@ def _check_type(name: str, value, annotation):
     if typing.get_origin(base) is list:
         item = typing.get_args(base)[0]
         if not isinstance(value, list):
-            raise ConfigError(f"{name} must be a list of {item.__name__}, got {value!r}")
+            kind = {str: "strings", int: "integers", float: "numbers"}.get(item, item.__name__)
+            raise ConfigError(f"{name} must be a list of {kind}, got {value!r}")
         return [_check_type(f"{name}[{i}]", v, item) for i, v in enumerate(value)]
     if base is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)

@@ -10,6 +10,7 @@ model and tiny data injected by overrides; rank 0 prints one ``RESULT`` line per
 import contextlib
 import io
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -37,10 +38,16 @@ def main() -> None:
             rc = train.main(argv)
         results[config.stem] = {"rc": rc, "stderr": err.getvalue()[-2000:]}
     if env.is_main:
-        print("RESULT " + json.dumps(results))
+        print("RESULT " + json.dumps(results), flush=True)
     import torch.distributed as dist
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
+    # Skip interpreter finalization: after many runs in one process, gloo worker threads can still
+    # hold tensors whose release then aborts the process (SIGABRT, "terminate called without an
+    # active exception"; pytorch/pytorch#179291) once the results are already printed.
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
