@@ -62,7 +62,12 @@ POOLED_QUESTIONS = [("goqa-0", ("Belgium", "Greece", "Spain")),  # Germany's inf
 COMPARISONS = 400  # per pair of options (the rounding of p_i / (p_i + p_j) moves it <= 0.00125)
 NON_ANSWER_COMPARISONS = 30  # per (option, token that is no answer): keeps the answers well-formed
 REFERENCE_COPIES = 16  # SFT answers per option per question: every option equally often
-REFERENCE_STEPS = 400  # SFT steps fitting the uniform reference
+REFERENCE_STEPS = 800  # SFT steps fitting the uniform reference
+# The answer letters' output rows start 3x their initial scale. LoRA leaves the output layer frozen
+# and the final RMSNorm fixes the hidden state's norm, so the log-ratios it can put between answers
+# are bounded by these rows; at 1x, reaching the population's ratios pushed the hidden state far
+# enough to lift every other token ~5 nats, mass that global tempering then finds.
+ANSWER_ROW_SCALE = 3.0
 REFERENCE_LR = 1e-2  # its peak learning rate: the format (letter, then </s>) must hold firmly
 # AdamW's beta2 forgets the large early gradients within ~20 steps, so the weights keep pushing the
 # logits of every token that is not an answer down (their gradients are tiny but consistent): with
@@ -153,6 +158,10 @@ def preference_pairs(questions: list[SurveyQuestion], tok, comparisons: int, see
     sees nothing but the options, and training lets probability leak out of the answers, where a
     sampler then finds it.
 
+    Format. Each option followed by "</s>" also beats the same option followed by any other token,
+    ``non_answer_comparisons`` times each: the answer's end is part of its format, and without
+    these pairs nothing in this stage holds it (a pair's answers are letters alone, below).
+
     Pairs are built from token ids directly: the answers are one letter each, without the "</s>"
     that ``PreferenceDataset.from_records`` would append (module docstring), and ids are shared
     lists, so 10^5-10^6 pairs stay small.
@@ -185,6 +194,9 @@ def preference_pairs(questions: list[SurveyQuestion], tok, comparisons: int, see
                     continue
                 count = comparisons if t in elsewhere else non_answer_comparisons
                 pairs += [PreferencePair(prompt, answer, single[t])] * count
+            done = answer + [tok.eos_id]  # the format: "</s>" ends the answer
+            pairs += [PreferencePair(prompt, done, answer + [t])
+                      for t in range(tok.vocab_size) if t != tok.eos_id] * non_answer_comparisons
     perm = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed)).tolist()
     stats = {"read": len(pairs), "kept": len(pairs)}
     return PreferenceDataset([pairs[k] for k in perm], stats, tok.pad_id)
@@ -382,7 +394,8 @@ def demo_model_config(vocab_size: int, preset: str = "tiny") -> ModelConfig:
 
 
 def fit_reference(cfg: Config, env, questions: list[SurveyQuestion], ref_dir: Path, model_cfg_for,
-                  *, steps: int, copies: int, batch_size: int = 64, lr: float = REFERENCE_LR) -> None:
+                  *, steps: int, copies: int, batch_size: int = 64, lr: float = REFERENCE_LR,
+                  answer_row_scale: float = 1.0) -> None:
     """Stage 1 (rank 0 only): tokenizer + a model fitted to answer uniformly, saved in ``ref_dir``.
 
     Full fine-tuning from random weights; ``model_cfg_for(vocab_size)`` gives the shape. The other
@@ -401,6 +414,10 @@ def fit_reference(cfg: Config, env, questions: list[SurveyQuestion], ref_dir: Pa
     tok = Tokenizer(tok_path, "none")
     torch.manual_seed(cfg.train.seed)
     model = Transformer(model_cfg_for(tok.vocab_size)).to(env.device)
+    if answer_row_scale != 1.0:  # see ANSWER_ROW_SCALE
+        letters = sorted({letter for q in questions for letter in q.letters()})
+        with torch.no_grad():
+            model.lm_head.weight[[tok.encode(answer_text(x))[0] for x in letters]] *= answer_row_scale
     data_kw = dict(max_len=cfg.data.max_len, max_prompt_len=cfg.data.max_prompt_len)
     sft = SFTDataset.from_records(reference_records(questions, copies, cfg.train.seed), tok, **data_kw)
     batch_size = min(batch_size, len(sft))  # a small question set is one batch
@@ -468,7 +485,7 @@ def run_demo(cfg: Config, env) -> dict:
     questions = demo_questions()
     if not (ref_dir / "config.json").is_file() and env.is_main:
         fit_reference(cfg, env, questions, ref_dir, lambda v: demo_model_config(v, cfg.model.preset),
-                      steps=REFERENCE_STEPS, copies=REFERENCE_COPIES)
+                      steps=REFERENCE_STEPS, copies=REFERENCE_COPIES, answer_row_scale=ANSWER_ROW_SCALE)
     _barrier(env)
     tok_path = ref_dir / "tokenizer.model"
     tok = Tokenizer(tok_path, "none")

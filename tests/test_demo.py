@@ -19,7 +19,7 @@ def majority(row: dict) -> int:
 
 
 def test_demo_matches_spl_theory(demo_run):
-    """alpha = 1: within TV 0.05 of pi ∝ ref^(b/a) p^(1/a) on average and 0.1 on every question (the
+    """alpha = 1: within TV 0.05 of pi ∝ ref^(b/a) p^(1/a) on average and 0.08 on every question (the
     LoRA demo in 1500 steps; the sweep's test holds each question to 0.05), US and pooled alike;
     DPO's theory erases a country's view on each pooled question, the trained model none."""
     rows = json.loads((demo_run / "demo_results.json").read_text())
@@ -28,8 +28,8 @@ def test_demo_matches_spl_theory(demo_run):
     assert sum(gaps) / len(gaps) <= 0.05, gaps
     for row, gap in zip(rows, gaps, strict=True):
         assert abs(sum(row["trained"]) - 1) < 1e-6
-        assert gap <= 0.1, (row["id"], row["trained"], row["spl_theory"])
-        assert row["well_formed"] >= 0.998, row  # mass stays on "<letter></s>" (sampling relies on it)
+        assert gap <= 0.08, (row["id"], row["trained"], row["spl_theory"])
+        assert row["well_formed"] >= 0.9999, row  # mass stays on "<letter></s>" (sampling relies on it)
         assert row["erased_by_trained"] == []
         if len(row["groups"]) > 1:
             assert row["erased_by_dpo_theory"], row["id"]
@@ -44,7 +44,7 @@ def test_demo_matches_spl_theory(demo_run):
 def test_global_temperature_tally(demo_run):
     """sample.py --global-temp 2: no ESS warning, and per question a tally beside the exact tempered
     answer distribution, flatter than at T = 1. Malformed answers are rare, not absent: the exact
-    pi^(1/2) itself gives the 13 tokens that are no answer sqrt of their (1e-4) probabilities."""
+    pi^(1/2) itself gives each token that is no answer the square root of its tiny probability."""
     out = run_script(["sample.py", "--checkpoint", str(demo_run), "--global-temp", "2",
                       "--num-samples", "16"])
     assert "warning" not in out.stderr.lower(), out.stderr[-2000:]
@@ -60,7 +60,7 @@ def test_global_temperature_tally(demo_run):
         exact, plain = [float(r[-2]) for r in rows[:-1]], [float(r[-1]) for r in rows[:-1]]
         assert sum(counts) + int(rows[-1][1]) == 16 and abs(sum(exact) - 1) < 0.01
         assert max(exact) < max(plain) or max(plain) < 0.55, (qid, table)  # tempering flattens
-    assert malformed <= 0.15 * 6 * 16, out.stdout[-3000:]  # the old demo: a third, at T = 2
+    assert malformed <= 6, out.stdout[-3000:]  # of 96 (measured: 2); the old demo: a third
 
 
 def test_opinion_sweep_reproduced_by_evaluate(tmp_path):
