@@ -113,8 +113,15 @@ def test_zero_shares_and_comparisons():
     tok = LetterTokenizer()
     pairs = preference_pairs([q, other], tok, comparisons=50, seed=0, non_answer_comparisons=2)
     prompt = tok.encode(q.prompt(), bos=True)
+    # The format: each option then </s> beats the same option running on with any other token, twice.
+    form = [(tuple(p.chosen_ids), tuple(p.rejected_ids)) for p in pairs
+            if p.prompt_ids == prompt and len(p.chosen_ids) == 2]
+    tokens = [t for t in range(tok.vocab_size) if t != tok.eos_id]
+    expected = [((w, tok.eos_id), (w, t)) for w in range(10, 14) for t in tokens] * 2
+    assert sorted(form) == sorted(expected)
+    pairs = [p for p in pairs if len(p.chosen_ids) == 1]
     mine = [(p.chosen_ids[0], p.rejected_ids[0]) for p in pairs if p.prompt_ids == prompt]
-    assert all(len(p.chosen_ids) == len(p.rejected_ids) == 1 for p in pairs)  # one token, no eos
+    assert all(len(p.rejected_ids) == 1 for p in pairs)  # the answers: one token, no eos
     a, b, c, d, e = 10, 11, 12, 13, 14
     count = {pair: mine.count(pair) for pair in set(mine)}
     assert count[(a, b)] == 30 and count[(b, a)] == 20  # round(50 * 0.6 / 1.0)

@@ -41,8 +41,10 @@ def test_two_processes_equal_one(demo_run, tmp_path):
     assert a.keys() == b.keys() and len(a) > 0
     moved = max((a[k] - adapter_init(k, a)).abs().max().item() for k in a if "lora_B" in k)
     assert moved > 1e-4  # training changed the adapters, so equality below is not vacuous
+    # Summation order differs between one and two ranks; Adam's 1/sqrt(v) turns that into ~1e-6 on
+    # weights whose gradients are tiny. A wrong average (a rank's share, or a sum) moves them by ~lr.
     for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-5)
 
 
 def adapter_init(key: str, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
