@@ -67,13 +67,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    code = main()
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # Everything is written, synced and the process group destroyed; skip interpreter
-        # finalization, where gloo worker threads can still release tensors and abort the process
-        # (SIGABRT, "terminate called without an active exception"; pytorch/pytorch#179291), which
-        # torchrun would report as a failed run after a successful one.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    sys.exit(code)
+    from spl.distributed import exit_process
+
+    exit_process(main())  # multi-rank: without interpreter finalization (pytorch#179291)

@@ -117,4 +117,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from spl.distributed import exit_process
+
     main()
+    exit_process(0)  # without interpreter finalization (gloo teardown, pytorch#179291)

@@ -10,6 +10,7 @@ instead of some ranks waiting forever in a collective that the failed one never 
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -44,6 +45,21 @@ class DistEnv:
 def world_size_from_env() -> int:
     """torchrun's WORLD_SIZE, readable before the process group starts (for checks that need no weights)."""
     return int(os.environ.get("WORLD_SIZE", 1))
+
+
+def exit_process(code: int) -> None:
+    """End a torchrun worker with ``code``, skipping interpreter finalization when it has ranks.
+
+    Call it last, after the process group is destroyed and every file is written. Gloo worker
+    threads can still release tensors during finalization and abort the process (SIGABRT,
+    "terminate called without an active exception"; pytorch/pytorch#179291), which torchrun then
+    reports as a failed run after a successful one. A single process exits normally.
+    """
+    if world_size_from_env() > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 def init_distributed() -> DistEnv:

@@ -10,7 +10,6 @@ model and tiny data injected by overrides; rank 0 prints one ``RESULT`` line per
 import contextlib
 import io
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -18,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import train  # noqa: E402
-from spl.distributed import init_distributed  # noqa: E402
+from spl.distributed import exit_process, init_distributed  # noqa: E402
 
 FIXTURES = ROOT / "tests" / "fixtures"
 DATA = {"hh": FIXTURES / "hh_rlhf_sample.jsonl", "preference": FIXTURES / "hh_rlhf_sample_split.jsonl"}
@@ -43,11 +42,7 @@ def main() -> None:
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
-    # Skip interpreter finalization: after many runs in one process, gloo worker threads can still
-    # hold tensors whose release then aborts the process (SIGABRT, "terminate called without an
-    # active exception"; pytorch/pytorch#179291) once the results are already printed.
-    sys.stderr.flush()
-    os._exit(0)
+    exit_process(0)  # without interpreter finalization (gloo teardown, pytorch#179291)
 
 
 if __name__ == "__main__":
