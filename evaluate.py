@@ -131,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     from spl.evaluation.options import EvalConfig
     from spl.evaluation.runner import run_evaluation
     from spl.evaluation.scoring import EvaluationError
+    from spl.extras import ExtraBroken
 
     try:
         cfg = EvalConfig(
@@ -148,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
             population=args.population, opinions_file=args.opinions_file, ece_bins=args.ece_bins,
             batch_size=args.batch_size, device=args.device, dtype=args.dtype)
         run_evaluation(cfg)
-    except (EvaluationError, CheckpointError, DataError, JudgeError, FileNotFoundError) as e:
+    except (EvaluationError, CheckpointError, DataError, JudgeError, ExtraBroken, FileNotFoundError) as e:
         print(f"evaluate.py: {e}", file=sys.stderr)
         return 1
     return 0

@@ -184,12 +184,12 @@ def check(device: torch.device, dtype: torch.dtype, n: int, d: int, vs: list[int
 
 
 def sweep(device: torch.device, dtype: torch.dtype, n: int, d: int, vs: list[int], repeat: int) -> None:
-    """Time the Triton path's choices; update kernels/heuristics.py from it.
+    """Time the Triton path's choices; update spl_kernels/heuristics.py from it.
 
     Frozen weight: tokens per chunk (the heuristic's own pick last). Trainable weight: all logits
-    kept for backward against recomputed per chunk (``kernels.heuristics.keep_logits``)."""
+    kept for backward against recomputed per chunk (``spl_kernels.heuristics.keep_logits``)."""
     import spl.logprobs as lp
-    from kernels.heuristics import chunk_rows, device_spec
+    from spl_kernels.heuristics import chunk_rows, device_spec
 
     print(f"Machine: {machine(device)}")
     print(f"\nTriton path sweep: N={n} D={d} {dtype}, fwd+bwd ms, peak extra MB\n")

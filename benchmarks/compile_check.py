@@ -6,8 +6,8 @@
 Triton lowers to a cubin on any machine (its wheel ships ptxas and cuobjdump), so this catches
 what the CPU interpreter cannot: compile errors (e.g. non-constexpr globals), register spills
 (STACK > 0 in ``cuobjdump --dump-resource-usage``) and shared memory beyond the architecture's
-per-block limit (``kernels.heuristics.SHARED_MEMORY_LIMIT``), for every variant of
-``_softmax_rows_kernel`` the library launches, with the launch shape ``kernels/heuristics.py``
+per-block limit (``spl_kernels.heuristics.SHARED_MEMORY_LIMIT``), for every variant of
+``_softmax_rows_kernel`` the library launches, with the launch shape ``spl_kernels/heuristics.py``
 picks for a GPU. Exits 1 if any kernel fails. It uses Triton's internal compile API
 (``ASTSource``, ``GPUTarget``; checked with triton 3.9), so a Triton upgrade may need this file
 touched; the kernels themselves do not depend on it.
@@ -30,8 +30,8 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-import kernels.fused_logprobs as fl  # noqa: E402
-from kernels.heuristics import SHARED_MEMORY_LIMIT, RowsConfig  # noqa: E402
+import spl_kernels.fused_logprobs as fl  # noqa: E402
+from spl_kernels.heuristics import SHARED_MEMORY_LIMIT, RowsConfig  # noqa: E402
 
 DTYPES = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}
 ITEMSIZE = {"bf16": 2, "fp16": 2, "fp32": 4}

@@ -99,7 +99,7 @@ fi
 run generate 150 python benchmarks/bench_generate.py --repeats "$GEN_REPEATS" \
     --out "$OUT_DIR/generate.md" || status=1
 if [ "$MODE" != quick ]; then
-    # 7. Chunk sizes and kept vs recomputed logits for the log-prob path (kernels/heuristics.py).
+    # 7. Chunk sizes and kept vs recomputed logits for the log-prob path (spl_kernels/heuristics.py).
     run sweep_logprobs 60 python benchmarks/bench_logprobs.py --sweep --dtype bf16 --n 8192 --d 4096 \
         --v 32000 128256 --repeat 3 || status=1
     # 8. torch.compile of our decode step (compile time reported separately); last: it may run out of time.

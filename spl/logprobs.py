@@ -14,7 +14,7 @@ hold anything (pad ids, -100): they are never read.
 Three implementations of one function, chosen by ``impl``:
 - "plain": full (B, T, V) logits and torch's log_softmax. The readable reference, for tests.
 - "chunked": the algorithm below, its softmax step in torch ops. Any device.
-- "triton": the same algorithm, its softmax step one Triton kernel (``kernels/fused_logprobs.py``;
+- "triton": the same algorithm, its softmax step one Triton kernel (``spl_kernels/fused_logprobs.py``;
   CUDA with triton, or CPU under Triton's interpreter for tests).
 "auto" is "triton" for GPU tensors (not fp64) when triton is installed, "chunked" otherwise.
 
@@ -43,9 +43,9 @@ gain anything. Three cases, by what needs a gradient:
 - W trains, logits recomputed: per chunk in backward, logits again, delta in place, dh, and dW
   added into an fp32 (V, D) accumulator (bf16 sums across chunks diverge: Liger-Kernel #512).
   8 N D V FLOPs; memory the accumulator plus one chunk. Chosen over keeping when it takes less
-  memory (``kernels/heuristics.keep_logits``).
+  memory (``spl_kernels/heuristics.keep_logits``).
 The no-grad pass (reference model) runs the forward chunks, computing the statistics only.
-Chunk sizes and launch shapes: ``kernels/heuristics.py``.
+Chunk sizes and launch shapes: ``spl_kernels/heuristics.py``.
 
 Dtype policy: the matmuls read the compute dtype (torch's autocast dtype when autocast is on,
 else the promoted dtype of hidden and weight) and return logits in it, as plain torch does;
@@ -72,11 +72,11 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-import kernels
-from kernels.heuristics import chunk_rows, device_spec, keep_logits, rows_config
+import spl_kernels
+from spl_kernels.heuristics import chunk_rows, device_spec, keep_logits, rows_config
 
 IMPLS = ("auto", "plain", "chunked", "triton")
-IGNORE_INDEX = -100  # the same value as kernels.fused_logprobs.IGNORE_INDEX and torch's cross-entropy
+IGNORE_INDEX = -100  # the same value as spl_kernels.fused_logprobs.IGNORE_INDEX and torch's cross-entropy
 # Debug switch, read once: check targets on the host every call (one sync each).
 CHECK_TARGETS = os.environ.get("SPL_CHECK_TARGETS") == "1"
 
@@ -111,13 +111,13 @@ def plain_token_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch
 
 
 # ---------------------------------------------------------------------------------------------
-# (b) The softmax-rows step in torch (the "chunked" path; kernels/fused_logprobs.py is the Triton one)
+# (b) The softmax-rows step in torch (the "chunked" path; spl_kernels/fused_logprobs.py is the Triton one)
 # ---------------------------------------------------------------------------------------------
 
 
 def softmax_rows_torch(z: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, logp: torch.Tensor | None,
                        *, stats: bool, delta: bool, grad: torch.Tensor | None) -> None:
-    """The same contract as ``kernels.fused_logprobs.softmax_rows``, in torch ops.
+    """The same contract as ``spl_kernels.fused_logprobs.softmax_rows``, in torch ops.
 
     z (n, V) logits; when ``stats``, lse (n,) and logp (n,) are written, else lse is read; when
     ``delta``, z is overwritten by grad * (onehot(targets) - softmax(z)) (grad None: 1). Ignored
@@ -306,9 +306,9 @@ def resolve_impl(impl: str, hidden: torch.Tensor) -> str:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl == "auto":
         # The kernel takes fp32, bf16 and fp16 logits; fp64 (tests, references) stays in torch.
-        fast = hidden.is_cuda and kernels.HAS_TRITON and hidden.dtype != torch.float64
+        fast = hidden.is_cuda and spl_kernels.HAS_TRITON and hidden.dtype != torch.float64
         return "triton" if fast else "chunked"
-    if impl == "triton" and not kernels.HAS_TRITON:
+    if impl == "triton" and not spl_kernels.HAS_TRITON:
         raise RuntimeError("impl='triton' needs the triton package")
     return impl
 
@@ -319,7 +319,7 @@ def _softmax_rows_for(impl: str, device: torch.device, dtype: torch.dtype) -> So
     if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError("Triton kernels take CPU tensors only under its interpreter: set "
                            "TRITON_INTERPRET=1 before triton is first imported")
-    from kernels.fused_logprobs import SUPPORTED_DTYPES, softmax_rows
+    from spl_kernels.fused_logprobs import SUPPORTED_DTYPES, softmax_rows
 
     if dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"impl='triton' supports {SUPPORTED_DTYPES}, got {dtype}")
@@ -340,7 +340,7 @@ def token_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tenso
 
     hidden (B, T, D) or (B*T, D); weight (V, D); targets (B, T) int64, already aligned with
     hidden (see the module docstring); loss_mask (B, T) bool. ``chunk_size`` is tokens per chunk
-    for "chunked" and "triton" (default: ``kernels.heuristics.chunk_rows``).
+    for "chunked" and "triton" (default: ``spl_kernels.heuristics.chunk_rows``).
     """
     B, T = targets.shape
     if hidden.shape[:-1] not in ((B, T), (B * T,)) or loss_mask.shape != (B, T):

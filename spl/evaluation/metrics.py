@@ -20,6 +20,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from spl.extras import ExtraMissing, import_extra
+
 
 def summarize(values: Sequence[float | None]) -> dict[str, float]:
     """Mean, standard error of the mean and count of per-prompt values (None/NaN left out)."""
@@ -328,13 +330,13 @@ def load_english_words() -> frozenset[str] | None:
     """wordfreq's large English word list (lower case), or None when wordfreq is not installed.
 
     An evaluation extra (requirements-eval.txt); without it the caller reports the non-word
-    metric as skipped.
+    metric as skipped. Installed but failing to import, it raises ``spl.extras.ExtraBroken``.
     """
     try:
-        from wordfreq import get_frequency_dict
-    except ImportError:
+        wordfreq = import_extra("wordfreq", needed_for="the non-word token rate")
+    except ExtraMissing:
         return None
-    return _english_words(get_frequency_dict)
+    return _english_words(wordfreq.get_frequency_dict)
 
 
 @functools.lru_cache(maxsize=1)

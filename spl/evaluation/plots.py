@@ -21,28 +21,29 @@ import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from spl.extras import ExtraMissing, import_extra
 
-class PlotsUnavailable(RuntimeError):
+
+class PlotsUnavailable(ExtraMissing):
     """matplotlib is not installed: the caller skips the figures and says why."""
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend; ``PlotsUnavailable`` when not installed,
+    ``spl.extras.ExtraBroken`` when installed but failing to import."""
     try:
-        import matplotlib
-    except ImportError:
-        raise PlotsUnavailable("figures skipped: matplotlib is not installed "
-                               "(pip install -r requirements-eval.txt)") from None
+        matplotlib = import_extra("matplotlib", needed_for="figures")
+    except ExtraMissing as e:
+        raise PlotsUnavailable(str(e), e.package) from None
     matplotlib.use("Agg")  # files only: no display is needed or wanted
-    import matplotlib.pyplot as plt
-
-    return plt
+    return import_extra("matplotlib.pyplot", needed_for="figures")
 
 
 def _save(fig, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120, bbox_inches="tight")
-    _pyplot().close(fig)
+    pyplot().close(fig)
     return path
 
 
@@ -76,7 +77,7 @@ def _labelled_lines(ax, runs: Mapping[str, Sequence[tuple[float, float, str]]]) 
 def figure_diversity_quality(runs: Mapping[str, Sequence[tuple[float, float, str]]], diversity_name: str,
                              quality_name: str, title: str = "Diversity vs quality"):
     """Quality against diversity: one line per model or method, a labelled point per temperature."""
-    fig, ax = _pyplot().subplots(figsize=(6.4, 4.8))
+    fig, ax = pyplot().subplots(figsize=(6.4, 4.8))
     _labelled_lines(ax, runs)
     ax.set(xlabel=diversity_name, ylabel=quality_name, title=title)
     return fig
@@ -95,7 +96,7 @@ def plot_diversity_quality(path: str | Path, runs: Mapping[str, Sequence[tuple[f
 
 def figure_pass_at_k(splits: Mapping[str, Mapping[str, Mapping[int, float]]], title: str = "Best-of-N"):
     """One panel per split ({split: {curve: {k: pass@k}}}), N on a log2 axis, one line per curve."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(splits), figsize=(4.2 * len(splits), 3.8), squeeze=False, sharey=True)
     for ax, (split, curves) in zip(axes[0], splits.items(), strict=True):
         for name, curve in curves.items():
@@ -129,7 +130,7 @@ def figure_reliability(models: Mapping[str, Sequence[dict]], title: str = "Relia
 
     ``models[name]`` are ``metrics.reliability_bins``; empty bins draw nothing.
     """
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(models), figsize=(3.8 * len(models), 3.8), squeeze=False, sharey=True)
     for ax, (name, bins) in zip(axes[0], models.items(), strict=True):
         full = [b for b in bins if b["count"]]
@@ -163,7 +164,7 @@ def figure_stance_spread(spreads: Mapping[str, Sequence[float]],
     ``spreads[label]`` are per-statement standard deviations; ``points[model]`` are
     (coherence, median spread, setting) in sweep order.
     """
-    plt = _pyplot()
+    plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     labels = [label for label, values in spreads.items() if any(map(math.isfinite, values))]
     left.boxplot([[v for v in spreads[label] if math.isfinite(v)] for label in labels],

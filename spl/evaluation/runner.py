@@ -38,6 +38,7 @@ from spl.evaluation.plots import (
     plot_pass_at_k,
     plot_reliability,
     plot_stance_spread,
+    pyplot,
 )
 from spl.evaluation.political import political_suite
 from spl.evaluation.report import write_json, write_jsonl, write_report
@@ -99,13 +100,29 @@ class _Evaluation:
         return [s.label for s in self.plan.settings]
 
     # ---------------------------------------------------------------------------------------
-    def prepare_scorers(self) -> None:
-        """The models and extras shared by every checkpoint, loaded only for the suites that use them."""
+    def prepare_extras(self) -> None:
+        """The optional packages the suites use, before any model loads: one that is not installed
+        is a skip the report names; one that is installed but fails to import raises
+        ``spl.extras.ExtraBroken`` here, before any work is done (``spl/extras.py``)."""
         plan, cfg = self.plan, self.cfg
         if "diversity" in plan.suites or "political" in plan.suites:
             self.scorers.words = load_english_words()
             if self.scorers.words is None:
                 self.notes.append(WORDS_MISSING)
+        if "diversity" in plan.suites:
+            try:
+                self.scorers.embedder = load_sentence_embedder(device=cfg.device)
+            except EmbedderUnavailable as e:
+                self.notes.append(f"{e}. The policy's own hidden states are not used instead: they are not "
+                                  "comparable across models.")
+        try:
+            pyplot()  # figures come last; a broken matplotlib must not wait until then
+        except PlotsUnavailable:
+            pass  # figures() notes the skip
+
+    def prepare_scorers(self) -> None:
+        """The models shared by every checkpoint, loaded only for the suites that use them."""
+        plan, cfg = self.plan, self.cfg
         if "diversity" not in plan.suites:
             return
         if cfg.reward_model:
@@ -118,11 +135,6 @@ class _Evaluation:
                               "per-token cross-entropy under the reference policy.")
         if cfg.reference:
             self.scorers.reference = self.load(cfg.reference, "reference", follows_policy=True)
-        try:
-            self.scorers.embedder = load_sentence_embedder(device=cfg.device)
-        except EmbedderUnavailable as e:
-            self.notes.append(f"{e}. The policy's own hidden states are not used instead: they are not "
-                              "comparable across models.")
         if plan.judge_note:
             self.notes.append(plan.judge_note.replace("--judge-base-url", "--judge-url"))
 
@@ -362,6 +374,7 @@ def run_evaluation(cfg: EvalConfig) -> dict:
                          "256-token window, so only the demo suite's numbers mean anything; the rest is a "
                          "smoke test.")
     completions = bestofn.read_completions(cfg.completions) if cfg.completions else {}
+    run.prepare_extras()
     run.fix_difficulty(completions)
     run.prepare_scorers()
     names = [Path(cfg.adapter.rstrip("/")).name] if cfg.adapter else _checkpoint_names(plan.checkpoints)

@@ -3,7 +3,7 @@
 Two kinds of numbers, both derived below from the device rather than measured (no GPU was at hand
 when they were set; ``benchmarks/bench_logprobs.py --sweep`` times the chunk size on one):
 
-1. The softmax-rows kernel (``kernels/fused_logprobs.py``) streams rows of a (tokens, V) block,
+1. The softmax-rows kernel (``spl_kernels/fused_logprobs.py``) streams rows of a (tokens, V) block,
    ``BLOCK`` entries per step, one row per program. It is bound by memory bandwidth, so the
    block only has to keep enough bytes in flight: 8 KiB per program (4096 bf16 / fp16 entries, or
    2048 fp32) over 8 warps is one 16-byte load per thread per step, and with ~8 programs resident

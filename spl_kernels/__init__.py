@@ -1,7 +1,7 @@
-"""Triton kernels. Import ``kernels.fused_logprobs`` only where ``HAS_TRITON`` is True.
+"""Triton kernels. Import ``spl_kernels.fused_logprobs`` only where ``HAS_TRITON`` is True.
 
 This package imports only torch and triton, and triton only in its kernel modules, so the rest of
-the project (and machines without triton) can import ``kernels`` to ask whether it is usable.
+the project (and machines without triton) can import ``spl_kernels`` to ask whether it is usable.
 """
 
 from importlib.util import find_spec

@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.heuristics import RowsConfig
+from spl_kernels.heuristics import RowsConfig
 
 IGNORE_INDEX = -100
 # Compiled kernels may read only tl.constexpr globals (the interpreter allows any).
