@@ -56,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run dir (its latest checkpoint), step dir, or HF/original model dir; repeat for a "
                         "sweep (default: runs/demo)")
     g.add_argument("--adapter", metavar="DIR", help="extra PEFT adapter over a single --checkpoint")
-    g.add_argument("--tokenizer", metavar="FILE", help="tokenizer.model (default: the checkpoint's own)")
+    g.add_argument("--tokenizer", metavar="FILE",
+                   help="tokenizer.model or tokenizer.json (default: the checkpoint's own)")
     g.add_argument("--chat-template", default="auto",
                    help="how prompts are posed: auto (as each checkpoint was trained: its run config, "
                         "tokenizer_config.json or control tokens), mistral-v1, mistral-v3, zephyr, none "

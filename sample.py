@@ -37,7 +37,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="a train.py run directory or one of its step_* checkpoints, or an HF-layout / "
                         "original-layout model directory (default: runs/demo)")
     p.add_argument("--adapter", help="a PEFT-format LoRA adapter directory to apply on top")
-    p.add_argument("--tokenizer", help="SentencePiece file (default: the checkpoint's tokenizer.model)")
+    p.add_argument("--tokenizer", help="tokenizer.model (SentencePiece) or tokenizer.json (byte-level BPE); "
+                   "default: the checkpoint's own")
     p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     p.add_argument("--prompts-file", help="prompts, one per line (.txt) or JSONL records with 'prompt' "
                                           "(text) or 'messages' (a conversation)")
@@ -161,7 +162,8 @@ def read_prompts(args) -> list:
 def peek_checkpoint(args):
     """``--checkpoint``'s InferenceSource (config, tokenizer, base) from its config files, without its
     weights."""
-    from spl.checkpoint import CheckpointError, inference_source
+    from spl.checkpoint import CheckpointError
+    from spl.inference import inference_source
 
     try:
         return inference_source(args.checkpoint, args.tokenizer)
@@ -184,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     prompts = read_prompts(args)
     from spl.chat_templates import set_chat_template
-    from spl.tokenizer import Tokenizer
+    from spl.tokenizer import load_tokenizer
 
     found = peek_checkpoint(args)
     max_seq_len, tok_path = found.config.max_seq_len, found.tokenizer
@@ -193,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         prompts, questions = default_prompts(Path(args.checkpoint))
     # Prompts, chat template and context checked with the tokenizer alone, before any weights.
     try:
-        early = Tokenizer(tok_path)
+        early = load_tokenizer(tok_path)
         # As the checkpoint was trained to be asked (its run config, tokenizer_config.json, control
         # tokens), or the given template, checked against the tokenizer.
         template = set_chat_template(early, args.chat_template, checkpoint=found.source, base=found.base,
@@ -207,8 +209,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from spl.checkpoint import CheckpointError, load_for_inference
+    from spl.checkpoint import CheckpointError
     from spl.global_temperature import choose_method, default_num_candidates, sample_global_temperature
+    from spl.inference import load_for_inference
     from spl.sampling import StopStrings, generate
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -221,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sample.py: {e}", file=sys.stderr)
         return 1
     model, tok = loaded.model, loaded.tokenizer
-    tok.chat_template = early.chat_template.name
+    tok.chat_template, tok.default_system = early.chat_template.name, early.default_system
     print(template, file=sys.stderr)
     if loaded.has_adapter:
         from spl.lora import merge
@@ -245,10 +248,12 @@ def main(argv: list[str] | None = None) -> int:
                 warnings.simplefilter("always")
                 try:
                     if not glob:
-                        stream = _streamer(tok, prompts[0]) if streaming else None
+                        stream = _Streamer(tok, prompts[0]) if streaming else None
                         res = generate(model, batch, temperature=args.temperature, top_k=args.top_k,
                                        top_p=args.top_p, min_p=args.min_p, seed=args.seed + start,
                                        stream=stream, **kw)
+                        if stream is not None:
+                            stream.close()
                     else:
                         res = sample_global_temperature(model, batch, args.global_temp, method=method,
                                                         num_candidates=args.num_candidates, moves=args.moves,
@@ -306,27 +311,32 @@ def _show(prompt) -> str:
     return prompt if isinstance(prompt, str) else "".join(f"{m['role']}: {m['content']}\n" for m in prompt)
 
 
-def _streamer(tok, prompt):
-    """Print text as tokens arrive: decode the whole completion each time and print what is new
-    (SentencePiece joins pieces with context, so per-token decoding would mangle spaces)."""
-    state = {"ids": [], "text": ""}
-    print(_show(prompt), end="", flush=True)
+class _Streamer:
+    """Print text as tokens arrive, in whole characters (spl.tokenizer.TextStream); ``close`` prints
+    what is held back when the completion ends at the budget or a stop string instead of eos."""
 
-    def on_token(t: int) -> None:
-        if t == tok.eos_id:
-            print(flush=True)
-            return
-        state["ids"].append(t)
-        text = tok.decode(state["ids"])
-        print(text[len(state["text"]):], end="", flush=True)
-        state["text"] = text
-    return on_token
+    def __init__(self, tok, prompt) -> None:
+        from spl.tokenizer import TextStream
+
+        self.eos_id, self.text, self.open = tok.eos_id, TextStream(tok), True
+        print(_show(prompt), end="", flush=True)
+
+    def __call__(self, t: int) -> None:
+        if t == self.eos_id:
+            self.close()
+        elif self.open:
+            print(self.text.push(t), end="", flush=True)
+
+    def close(self) -> None:
+        if self.open:
+            print(self.text.flush(), flush=True)
+            self.open = False
 
 
 def default_prompts(checkpoint: Path) -> tuple[list[str], list]:
     """An opinion run's own survey questions (the demo's) and the questions; else ask for a prompt."""
-    from spl.checkpoint import resolve_checkpoint
     from spl.demo import run_questions
+    from spl.inference import resolve_checkpoint
 
     questions = run_questions(resolve_checkpoint(checkpoint))
     if questions:

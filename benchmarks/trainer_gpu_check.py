@@ -60,9 +60,9 @@ def sh(args: list[str], nproc: int | None, timeout: float = 300) -> bool:
 
 
 def make_model(out: Path, tokenizer: Path, quick: bool) -> Path:
-    from spl.checkpoint import save_model
     from spl.config import ModelConfig
     from spl.model import Transformer
+    from spl.saving import save_model
 
     dim, layers = (64, 2) if quick else (256, 4)
     cfg = ModelConfig(dim=dim, n_layers=layers, head_dim=dim // 4, hidden_dim=3 * dim, n_heads=4,

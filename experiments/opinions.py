@@ -158,7 +158,7 @@ def run_config(out: Path, alpha: float, args, n_pairs: int) -> Config:
 def sweep(args) -> tuple[dict, list[SurveyQuestion], list[torch.Tensor]]:
     """Fit the reference once, then train and measure one policy per alpha."""
     from spl.checkpoint import load_model
-    from spl.tokenizer import Tokenizer
+    from spl.tokenizer import load_tokenizer
     from spl.trainer import DistEnv, Trainer
 
     torch.set_num_threads(args.threads)
@@ -177,7 +177,7 @@ def sweep(args) -> tuple[dict, list[SurveyQuestion], list[torch.Tensor]]:
         base = Config(lora=LoRAConfig(enabled=False), data=DataConfig(chat_template="none"))
         fit_reference(base, env, questions, ref_dir, model_config, steps=args.reference_steps, copies=4,
                       batch_size=1024)
-    tok = Tokenizer(ref_dir / "tokenizer.model", "none")
+    tok = load_tokenizer(ref_dir / "tokenizer.model", "none")
     reference, _ = load_model(ref_dir)
     ref = answer_distributions(reference, tok, questions)
     uniform_tv = [total_variation(r, torch.full_like(r, 1 / len(r))) for r in ref]

@@ -10,9 +10,15 @@ format is a table entry plus its oracle test (tests/test_chat_templates.py), not
     zephyr      HuggingFaceH4/mistral-7b-sft-beta and zephyr-7b-beta (oracle: transformers'
                 apply_chat_template with the alignment-handbook template)
                 <s>▁<|system|>\\n{system}</s>▁\\n<|user|>\\n{user}</s>▁\\n<|assistant|>\\n{assistant}</s>
+    chatml      SmolLM2, Qwen2/2.5 and many more (oracle: transformers' apply_chat_template with the
+                checkpoint's own template); <|im_start|> and <|im_end|> are control tokens
+                <|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{user}<|im_end|>\n
+                <|im_start|>assistant\n{assistant}<|im_end|>
     none        plain text, no markup: <s>▁{prompt} then ▁{response}</s>
 
-(▁ marks SentencePiece's dummy-prefix space: it starts every separately encoded span of text.)
+(▁ marks SentencePiece's dummy-prefix space: it starts every separately encoded span of text. <s>
+and </s> stand for the tokenizer's bos and eos: a byte-level BPE model without a bos starts with
+nothing, and SmolLM2's eos is <|im_end|>.)
 
 How a template is encoded:
 - A turn is a tuple of parts: text, ``CONTENT`` (the message's text), or a ``Control`` piece, which
@@ -28,6 +34,9 @@ How a template is encoded:
   drops trailing spaces from replies. Zephyr
   writes every message as its own turn, and puts an empty system turn first when none leads, as
   the alignment-handbook recipe that trained mistral-7b-sft-beta did.
+- ChatML writes every message as its own turn and, when the conversation does not start with a
+  system message, the default system prompt the checkpoint's own template defines (SmolLM2: "You
+  are a helpful AI assistant named SmolLM, trained by Hugging Face"; ``default_system_prompt``).
 - The response of a conversation is its final assistant turn from the first token of its text to
   its </s>; everything before it is the prompt, so prompt + response == the whole conversation,
   token for token. ``encode_prompt`` of the conversation minus that turn gives the same prompt.
@@ -38,20 +47,21 @@ checkpoint carries: the ``config.yaml`` saved with our own runs, then a ``chat_t
 unknown one is an error naming the file), then the tokenizer's own control pieces (``[INST]`` is a
 control token only in v2/v3 files). A template whose control pieces contradict the tokenizer's
 (mistral-v1 on a v3 file, or the reverse) is refused, naming both.
+
+This module needs only an encode function and the ids of a few control tokens from a tokenizer
+(``TokenizerLike``); ``spl/tokenizer.py`` builds on it, never the other way round.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from itertools import groupby
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import yaml
-
-if TYPE_CHECKING:
-    from spl.tokenizer import Tokenizer
 
 Message = dict[str, str]
 ROLES = ("user", "assistant", "system")
@@ -70,13 +80,18 @@ class Control(str):
 
 
 CONTENT = object()  # stands for the message's text inside a turn
+# BOS and EOS are the tokenizer's own bos_id and eos_id (whatever their pieces are called); BOS is
+# written only when the tokenizer starts sequences with one.
 BOS, EOS, INST, END_INST = Control("<s>"), Control("</s>"), Control("[INST]"), Control("[/INST]")
+IM_START, IM_END = Control("<|im_start|>"), Control("<|im_end|>")
 
 
-class SentencePiece(Protocol):
-    """What the encoder needs from spl.tokenizer.Tokenizer."""
+class TokenizerLike(Protocol):
+    """What the encoder needs from a tokenizer (spl.tokenizer.Tokenizer)."""
 
     path: Path
+    bos_id: int | None
+    eos_id: int
 
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]: ...
     def control_id(self, piece: str) -> int | None: ...
@@ -100,6 +115,10 @@ class ChatTemplate:
     separator: str = ""  # text between two turns
     empty_system: bool = False  # an empty system turn goes first when the conversation has none there
     single_exchange: bool = False  # exactly one user message and at most one assistant reply
+    # A system turn with the checkpoint's default system prompt goes first when the conversation has
+    # none (ChatML); the prompt itself is the checkpoint's, read from its template.
+    default_system: bool = False
+    eos_piece: str = ""  # the tokenizer's eos must be this control token (ChatML: <|im_end|>)
     text_pieces: tuple[str, ...] = ()  # written as text: refused if the tokenizer makes them control tokens
     jinja_markers: tuple[str, ...] = ()  # all occur in a tokenizer_config.json chat_template of this format
     jinja_excludes: tuple[str, ...] = ()  # none occurs in it (similar formats: Llama-2, Phi-3, ChatML)
@@ -122,6 +141,11 @@ TEMPLATES: dict[str, ChatTemplate] = {t.name: t for t in (
         user=("<|user|>\n", CONTENT, EOS), assistant=("<|assistant|>\n", CONTENT, EOS),
         system=("<|system|>\n", CONTENT, EOS), encoder="transformers", separator="\n", empty_system=True,
         jinja_markers=("<|user|>", "<|assistant|>"), jinja_excludes=("<|end|>", "<|im_start|>")),
+    ChatTemplate(
+        "chatml", "SmolLM2, Qwen2/2.5 and other ChatML models (<|im_start|>/<|im_end|> control tokens)",
+        user=(IM_START, "user\n", CONTENT, IM_END), assistant=(IM_START, "assistant\n", CONTENT, IM_END),
+        system=(IM_START, "system\n", CONTENT, IM_END), encoder="transformers", separator="\n",
+        default_system=True, eos_piece="<|im_end|>", jinja_markers=("<|im_start|>", "<|im_end|>")),
     ChatTemplate(
         "none", "plain text (base models, the embedded demo)",
         user=(CONTENT,), assistant=(CONTENT, EOS), system=None, single_exchange=True),
@@ -146,11 +170,12 @@ class Encoded:
     last_role: str  # role of the final turn
 
 
-def encode_conversation(template: ChatTemplate, tok: SentencePiece, messages: list[Message], *,
-                        generation_prompt: bool = False) -> Encoded:
+def encode_conversation(template: ChatTemplate, tok: TokenizerLike, messages: list[Message], *,
+                        generation_prompt: bool = False, default_system: str | None = None) -> Encoded:
     """Token ids of a conversation; with ``generation_prompt`` also the cue after which the model
-    answers (Zephyr's "<|assistant|>\\n"; nothing for Mistral, whose prompts end at [/INST])."""
-    turns = _turns(template, messages)
+    answers (Zephyr's "<|assistant|>\\n"; nothing for Mistral, whose prompts end at [/INST]).
+    ``default_system``: the checkpoint's default system prompt, for templates that write one."""
+    turns = _turns(template, messages, default_system)
     per_turn = template.encoder == "mistral-common"
     parts: list = [BOS]
     for i, (role, content, index) in enumerate(turns):
@@ -176,7 +201,7 @@ class _Mark(int):
 _BREAK, _END = object(), object()  # end of a SentencePiece call; end of a response
 
 
-def _encode_parts(tok: SentencePiece, parts: list) -> tuple[list[int], list[tuple[int, int, int]]]:
+def _encode_parts(tok: TokenizerLike, parts: list) -> tuple[list[int], list[tuple[int, int, int]]]:
     ids: list[int] = []
     responses: list[tuple[int, int, int]] = []
     run: list[str] = []  # text of the current SentencePiece call
@@ -200,7 +225,8 @@ def _encode_parts(tok: SentencePiece, parts: list) -> tuple[list[int], list[tupl
     for part in parts:
         if isinstance(part, Control):
             flush()
-            ids.append(_control_id(tok, part))
+            i = _control_id(tok, part)
+            ids += [] if i is None else [i]
         elif part is _BREAK:
             flush()
         elif isinstance(part, _Mark):
@@ -215,14 +241,19 @@ def _encode_parts(tok: SentencePiece, parts: list) -> tuple[list[int], list[tupl
     return ids, responses
 
 
-def _control_id(tok: SentencePiece, piece: Control) -> int:
+def _control_id(tok: TokenizerLike, piece: Control) -> int | None:
+    if piece is BOS:
+        return tok.bos_id  # None: this tokenizer starts sequences with no bos
+    if piece is EOS:
+        return tok.eos_id
     i = tok.control_id(piece)
     if i is None:  # check_fits refuses such a pair first; this guards direct calls
         raise ChatTemplateError(f"tokenizer {tok.path} has no control token {piece}")
     return i
 
 
-def _turns(t: ChatTemplate, messages: list[Message]) -> list[tuple[str, str, int]]:
+def _turns(t: ChatTemplate, messages: list[Message], default_system: str | None = None
+           ) -> list[tuple[str, str, int]]:
     """(role, content, index of the turn's last message) per turn, after the template's system and
     merging rules; validates the conversation."""
     if not messages:
@@ -233,6 +264,8 @@ def _turns(t: ChatTemplate, messages: list[Message]) -> list[tuple[str, str, int
     indexed = list(enumerate(messages))
     if t.empty_system and messages[0]["role"] != "system":
         indexed.insert(0, (-1, {"role": "system", "content": ""}))
+    if t.default_system and default_system is not None and messages[0]["role"] != "system":
+        indexed.insert(0, (-1, {"role": "system", "content": default_system}))
     # Group runs of one role BEFORE dropping joined system messages (mistral-common does this, so
     # user, system, user stays two user turns).
     runs = (groupby(indexed, key=lambda im: im[1]["role"]) if t.merge_runs
@@ -268,7 +301,7 @@ def _turns(t: ChatTemplate, messages: list[Message]) -> list[tuple[str, str, int
 
 # ------------------------------------------------------------------------------------ choosing
 
-def check_fits(template: ChatTemplate, tok: SentencePiece) -> None:
+def check_fits(template: ChatTemplate, tok: TokenizerLike) -> None:
     """Refuse a template whose control pieces contradict the tokenizer's, naming both."""
     def fitting() -> str:
         names = [t.name for t in TEMPLATES.values() if not _misfit(t, tok)]
@@ -280,12 +313,15 @@ def check_fits(template: ChatTemplate, tok: SentencePiece) -> None:
                                 f"{tok.path}: {problem}; {fitting()}")
 
 
-def _misfit(t: ChatTemplate, tok: SentencePiece) -> str:
+def _misfit(t: ChatTemplate, tok: TokenizerLike) -> str:
     needed = [p for role in ("user", "assistant", "system") for p in (getattr(t, role) or ())
-              if isinstance(p, Control)]
+              if isinstance(p, Control) and p not in (BOS, EOS)]
     for piece in dict.fromkeys(needed):  # in order of appearance: [INST] before [/INST]
         if tok.control_id(piece) is None:
             return f"the template writes {piece} as a control token, which this tokenizer does not have"
+    if t.eos_piece and tok.control_id(t.eos_piece) != tok.eos_id:
+        return (f"the template ends replies with {t.eos_piece}, but the tokenizer's eos is id {tok.eos_id}, "
+                f"not {t.eos_piece} (id {tok.control_id(t.eos_piece)}): generation would not stop there")
     for piece in t.text_pieces:
         i = tok.control_id(piece)
         if i is not None:
@@ -294,7 +330,7 @@ def _misfit(t: ChatTemplate, tok: SentencePiece) -> str:
     return ""
 
 
-def resolve_chat_template(choice: str, tok: SentencePiece,
+def resolve_chat_template(choice: str, tok: TokenizerLike,
                           dirs: list[str | Path | None] = ()) -> tuple[str, str]:
     """(template name, where it came from) for ``choice`` ("auto" or a name), checked against ``tok``.
 
@@ -314,20 +350,53 @@ def resolve_chat_template(choice: str, tok: SentencePiece,
     return name, why
 
 
-def set_chat_template(tok: Tokenizer, choice: str, *, checkpoint: str | Path | None = None,
+class ChatTokenizer(TokenizerLike, Protocol):
+    """A tokenizer that carries a template (spl.tokenizer.Tokenizer)."""
+
+    chat_template: ChatTemplate | None
+    default_system: str | None
+
+
+def set_chat_template(tok: ChatTokenizer, choice: str, *, checkpoint: str | Path | None = None,
                       base: str | Path | None = None, adapter: str | Path | None = None) -> str:
-    """Resolve ``choice`` for a checkpoint, set it on ``tok`` (an spl.tokenizer.Tokenizer) and return
-    the line to print. ``checkpoint``: the run's step directory or the model directory; ``base``: the
-    base model under a run's adapter; ``adapter``: an extra PEFT adapter (a run's sits in its step
-    directory, whose config.yaml says how it trained)."""
+    """Resolve ``choice`` for a checkpoint, set it (and its default system prompt, for templates that
+    write one) on ``tok``, and return the line to print. ``checkpoint``: the run's step directory or
+    the model directory; ``base``: the base model under a run's adapter; ``adapter``: an extra PEFT
+    adapter (a run's sits in its step directory, whose config.yaml says how it trained)."""
     adapter = Path(adapter) if adapter else None
     dirs = [adapter, adapter and adapter.parent, checkpoint, base, tok.path.parent]
     name, why = resolve_chat_template(choice, tok, dirs)
     tok.chat_template = name
-    return f"chat template: {name} ({why})"
+    line = f"chat template: {name} ({why})"
+    if get_template(name).default_system:
+        tok.default_system, source = default_system_prompt([Path(d) for d in dirs if d is not None])
+        line += (f"; default system prompt {tok.default_system!r} (from {source})" if source else
+                 "; no default system prompt (the checkpoint's template defines none)")
+    return line
 
 
-def _auto(tok: SentencePiece, dirs: list[Path]) -> tuple[str, str]:
+# A literal system turn in a ChatML Jinja template: the prompt it writes when a conversation has none.
+_DEFAULT_SYSTEM_RE = re.compile(r"<\|im_start\|>system(?:\n|\\n)(.*?)<\|im_end\|>", re.DOTALL)
+
+
+def default_system_prompt(dirs: list[Path]) -> tuple[str | None, Path | None]:
+    """(the default system prompt, the file it came from) of the first checkpoint directory whose
+    chat template writes a literal system turn (SmolLM2: "You are a helpful AI assistant named
+    SmolLM, trained by Hugging Face"); (None, None) when none does."""
+    for d in dict.fromkeys(dirs):
+        found = _jinja_template(d)
+        if found is None:
+            continue
+        for m in _DEFAULT_SYSTEM_RE.finditer(found[0]):
+            text = m[1]
+            if any(x in text for x in ("{{", "{%", "'", '"')):  # Jinja code, not a literal prompt
+                continue
+            return text.replace("\\n", "\n"), found[1]
+        return None, None  # the checkpoint's own template writes none: never look further
+    return None, None
+
+
+def _auto(tok: TokenizerLike, dirs: list[Path]) -> tuple[str, str]:
     for d in dirs:  # 1. our own runs record what they trained with
         name = _saved_template(d / "config.yaml")
         if name is not None:
@@ -389,7 +458,7 @@ def _jinja_template(d: Path) -> tuple[str, Path] | None:
     return (value, path) if isinstance(value, str) else None
 
 
-def _match_jinja(source: str, path: Path, tok: SentencePiece) -> str:
+def _match_jinja(source: str, path: Path, tok: TokenizerLike) -> str:
     """The known format a Jinja chat template writes; v1 and v3 share markers, the tokenizer decides."""
     known = [t for t in TEMPLATES.values() if t.jinja_markers and all(m in source for m in t.jinja_markers)
              and not any(x in source for x in t.jinja_excludes)]

@@ -3,7 +3,7 @@
 This file starts with the model's shape (``ModelConfig``) and its presets; the training, data, LoRA
 and sampling sections live beside it so a YAML file or a ``key=value`` override can reach any field.
 Names follow mistral-inference (``dim``, ``n_layers``, ``n_heads`` ...), so ``params.json`` maps
-one to one; ``spl/checkpoint.py`` translates Hugging Face's ``config.json``.
+one to one; ``spl/layouts.py`` translates Hugging Face's ``config.json``.
 """
 
 from __future__ import annotations
@@ -29,6 +29,9 @@ class ConfigError(ValueError):
     """An impossible or unknown configuration value; the message names the field."""
 
 
+MODEL_FAMILIES = ("mistral", "llama")  # decoder families spl/model.py runs (spl/layouts.py MODEL_TYPES)
+
+
 @dataclass
 class ModelConfig:
     """Shape of a Mistral decoder. Defaults are Mistral-7B v0.2."""
@@ -45,7 +48,10 @@ class ModelConfig:
     # Token i attends to keys j with i - W < j <= i (W keys, itself included), as in transformers.
     sliding_window: int | None = None
     max_seq_len: int = 32768  # longest position the model was trained for (HF max_position_embeddings)
-    tie_word_embeddings: bool = False  # Mistral never ties; kept so foreign configs load honestly
+    tie_word_embeddings: bool = False  # one tensor for embed_tokens and lm_head (SmolLM2, Llama 3.2)
+    # The checkpoint family, written back as its config.json model_type: "llama" is Mistral without a
+    # sliding window (spl/layouts.py MODEL_TYPES); the computation is the same for both.
+    family: str = "mistral"
 
     def __post_init__(self) -> None:
         for name in ("dim", "n_layers", "head_dim", "hidden_dim", "n_heads", "n_kv_heads", "vocab_size",
@@ -62,6 +68,10 @@ class ModelConfig:
             raise ConfigError(f"model.sliding_window must be positive or null, got {self.sliding_window}")
         if not self.norm_eps > 0 or not self.rope_theta > 0:
             raise ConfigError("model.norm_eps and model.rope_theta must be positive")
+        if self.family not in MODEL_FAMILIES:
+            raise ConfigError(f"model.family must be one of {list(MODEL_FAMILIES)}, got {self.family!r}")
+        if self.family == "llama" and self.sliding_window is not None:
+            raise ConfigError("model.family 'llama' has no sliding window; use 'mistral' for one")
 
     @classmethod
     def preset(cls, name: str) -> ModelConfig:
@@ -96,7 +106,7 @@ class ModelSection:
     demo (no checkpoint, no data) builds the ``preset`` shape with random weights instead."""
 
     checkpoint: str | None = None
-    tokenizer: str | None = None  # default: tokenizer.model inside the checkpoint directory
+    tokenizer: str | None = None  # default: tokenizer.model or tokenizer.json in the checkpoint directory
     preset: str = "tiny"
     dtype: str = "auto"  # auto: bf16 weights on CUDA, fp32 on CPU; or fp32 / bf16
 

@@ -103,7 +103,7 @@ def train_tokenizer(path: Path, questions: list[SurveyQuestion]) -> None:
     """
     import sentencepiece as spm
 
-    from spl.tokenizer import Tokenizer
+    from spl.tokenizer import load_tokenizer
 
     letters = sorted({letter for q in questions for letter in q.letters()})
     lines = [q.prompt() for q in questions] + [answer_text(letter) for letter in letters] * 8
@@ -121,7 +121,7 @@ def train_tokenizer(path: Path, questions: list[SurveyQuestion]) -> None:
                                    vocab_size=200 + len(symbols), user_defined_symbols=symbols, **common)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(buf.getvalue())
-    tok = Tokenizer(path)
+    tok = load_tokenizer(path)
     bad = [q.id for q in questions if len(tok.encode(q.prompt())) != 1]
     bad += [letter for letter in letters if len(tok.encode(answer_text(letter))) != 1]
     if bad:
@@ -402,16 +402,16 @@ def fit_reference(cfg: Config, env, questions: list[SurveyQuestion], ref_dir: Pa
     ranks wait at the caller's barrier: the result is identical on every launch, and a toy model
     needs no sharding.
     """
-    from spl.checkpoint import save_model
     from spl.data import SFTDataset
     from spl.model import Transformer
-    from spl.tokenizer import Tokenizer
+    from spl.saving import save_model
+    from spl.tokenizer import load_tokenizer
     from spl.trainer import DistEnv, Trainer, print0
 
     work = ref_dir.parent / (ref_dir.name + "_run")
     tok_path = work / "tokenizer.model"
     train_tokenizer(tok_path, questions)
-    tok = Tokenizer(tok_path, "none")
+    tok = load_tokenizer(tok_path, "none")
     torch.manual_seed(cfg.train.seed)
     model = Transformer(model_cfg_for(tok.vocab_size)).to(env.device)
     if answer_row_scale != 1.0:  # see ANSWER_ROW_SCALE
@@ -469,7 +469,7 @@ def run_demo(cfg: Config, env) -> dict:
     """Fit the reference (or reuse it), train SPL on the population's preferences, print the table."""
     from spl.checkpoint import load_model
     from spl.lora import apply_lora
-    from spl.tokenizer import Tokenizer
+    from spl.tokenizer import load_tokenizer
     from spl.trainer import Trainer, TrainingError, print0
 
     if cfg.train.divergence != "reverse_kl":  # the table compares with SPL's theory, not f-DPO's
@@ -488,7 +488,7 @@ def run_demo(cfg: Config, env) -> dict:
                       steps=REFERENCE_STEPS, copies=REFERENCE_COPIES, answer_row_scale=ANSWER_ROW_SCALE)
     _barrier(env)
     tok_path = ref_dir / "tokenizer.model"
-    tok = Tokenizer(tok_path, "none")
+    tok = load_tokenizer(tok_path, "none")
     model, _ = load_model(ref_dir, device=env.device)
     ref_dists = answer_distributions(model, tok, questions)
     # Stage 2: SPL with LoRA; the reference is the same weights with adapters disabled.

@@ -37,8 +37,11 @@ def export(run: str | Path, *, step: int | None = None, out: str | Path | None =
     import torch
     from safetensors.torch import save_file
 
-    from spl.checkpoint import CheckpointError, load_for_inference, resolve_checkpoint, save_model
+    from spl.checkpoint import CheckpointError
+    from spl.inference import load_for_inference, resolve_checkpoint
     from spl.lora import lora_modules, merge
+    from spl.saving import save_model
+    from spl.tokenizer import copy_tokenizer
 
     run = Path(run)
     if step is not None:
@@ -60,7 +63,7 @@ def export(run: str | Path, *, step: int | None = None, out: str | Path | None =
         model = _without_adapters(model)
     model.to({"fp32": torch.float32, "bf16": torch.bfloat16}[dtype])
     save_model(model, model.cfg, out, overwrite=overwrite)
-    shutil.copyfile(loaded.tokenizer.path, out / "tokenizer.model")
+    copy_tokenizer(loaded.tokenizer.path, out)
     if (src / "config.yaml").is_file():  # says which chat template it was trained with (auto reads it)
         shutil.copyfile(src / "config.yaml", out / "config.yaml")
     if loaded.reward_head is not None:

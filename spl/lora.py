@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
-from spl.checkpoint import atomic_save_file, atomic_write_text
+from spl.atomic import atomic_save_file, atomic_write_text
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 OUTPUT_HEAD = "lm_head"  # refused as a target (module docstring)

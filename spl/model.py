@@ -2,7 +2,7 @@
 
 Module and parameter names follow Hugging Face's ``MistralForCausalLM`` minus its ``model.``
 prefix (``layers.0.self_attn.q_proj.weight``), so HF checkpoints and PEFT adapters map by name;
-``spl/checkpoint.py`` maps the original ``consolidated.safetensors`` names (``wq``, ``w1`` ...).
+``spl/layouts.py`` maps the original ``consolidated.safetensors`` names (``wq``, ``w1`` ...).
 
 Shape letters used in comments throughout the project:
     B batch, T query tokens, S key tokens, D model dim, H query heads, Hkv key/value heads,

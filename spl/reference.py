@@ -32,7 +32,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 from tqdm import tqdm
 
-from spl.checkpoint import atomic_save_file
+from spl.atomic import atomic_save_file
 from spl.distributed import DistEnv, TrainingError, decide_on_rank0, print0
 from spl.lora import disable_adapters
 

@@ -6,7 +6,7 @@
       checkpoints/latest             the name of the newest complete checkpoint
       checkpoints/step_XXXXXXX/
         trainer_state.json           step, data position, schedule, optimizer hyperparameters
-        config.yaml, tokenizer.model
+        config.yaml, tokenizer.model (or tokenizer.json + tokenizer_config.json)
         rng_rank{r}.safetensors      each rank's RNG state (LoRA dropout)
         LoRA:  adapter/ (PEFT format), optimizer.safetensors, reward_head.safetensors (reward mode)
         full:  dcp/ (torch.distributed.checkpoint: every rank's FSDP2 shards of the weights and the
@@ -37,16 +37,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from spl.checkpoint import (
-    SHARDED_CONFIG,
-    atomic_write_text,
-    dcp_load,
-    fsync_path,
-    model_config_to_hf,
-)
+from spl.atomic import atomic_write_text, fsync_path
+from spl.checkpoint import SHARDED_CONFIG, dcp_load
 from spl.config import Config
 from spl.distributed import DistEnv, TrainingError, barrier, decide_on_rank0, print0, raise_together
+from spl.layouts import model_config_to_hf
 from spl.lora import save_adapter
+from spl.tokenizer import copy_tokenizer
 
 LATEST = "latest"
 
@@ -224,7 +221,7 @@ def save_checkpoint(trainer) -> Path:
             (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1, default=str))
             (tmp / "config.yaml").write_text(cfg.to_yaml())
             if trainer.tokenizer_path:
-                shutil.copyfile(trainer.tokenizer_path, tmp / "tokenizer.model")
+                copy_tokenizer(trainer.tokenizer_path, tmp)
     except failure_types as err:
         error = _failure(err)
     _settle(env, error, final, last_good)

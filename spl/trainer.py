@@ -461,7 +461,7 @@ def build(cfg: Config, env: DistEnv) -> Trainer:
     from spl.chat_templates import set_chat_template
     from spl.checkpoint import check_tokenizer_vocab, load_model
     from spl.lora import apply_lora, parameter_summary
-    from spl.tokenizer import Tokenizer
+    from spl.tokenizer import find_tokenizer, load_tokenizer
 
     m, t = cfg.model, cfg.train
     batch_layout(t, env.world_size)
@@ -469,10 +469,11 @@ def build(cfg: Config, env: DistEnv) -> Trainer:
         raise TrainingError("model.checkpoint is required when data.train_path is set "
                             "(an HF- or original-layout model directory)")
     prepare_run_dir(cfg, env)
-    tok_path = Path(m.tokenizer or Path(m.checkpoint) / "tokenizer.model")
-    if not tok_path.is_file():
-        raise TrainingError(f"tokenizer not found: {tok_path} (set model.tokenizer)")
-    tok = Tokenizer(tok_path)
+    tok_path = Path(m.tokenizer) if m.tokenizer else find_tokenizer(m.checkpoint)
+    if tok_path is None or not tok_path.is_file():
+        raise TrainingError(f"tokenizer not found: {tok_path or Path(m.checkpoint) / 'tokenizer.model'} "
+                            "(set model.tokenizer)")
+    tok = load_tokenizer(tok_path)
     print0(env, set_chat_template(tok, cfg.data.chat_template, checkpoint=m.checkpoint))
     cfg.data.chat_template = tok.chat_template.name  # the resolved name is saved with every checkpoint
     train_data, eval_data = load_data(cfg, tok, env)

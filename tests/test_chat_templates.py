@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from spl.chat_templates import CHOICES, TEMPLATES, ChatTemplateError, resolve_chat_template
-from spl.tokenizer import Tokenizer
+from spl.tokenizer import Tokenizer, load_tokenizer
 
 try:
     from mistral_common.protocol.instruct.request import ChatCompletionRequest
@@ -44,7 +44,7 @@ def model_file(version: str) -> Path:
 
 @functools.cache
 def tokenizer(version: str, template: str | None) -> Tokenizer:
-    return Tokenizer(model_file(version), template)
+    return load_tokenizer(model_file(version), template)
 
 
 @functools.cache
@@ -303,8 +303,8 @@ def test_wrong_final_role_errors() -> None:
 ])
 def test_contradicting_tokenizer_is_refused(version: str, template: str, match: str) -> None:
     with pytest.raises(ChatTemplateError, match=match):
-        Tokenizer(model_file(version), template)
-    tok = Tokenizer(model_file(version))
+        load_tokenizer(model_file(version), template)
+    tok = load_tokenizer(model_file(version))
     with pytest.raises(ChatTemplateError, match=match):
         tok.chat_template = template
     with pytest.raises(ChatTemplateError, match=match):
@@ -315,8 +315,11 @@ def test_templates_without_inst_fit_any_tokenizer() -> None:
     for version in ("v1", "v3"):
         for template in ("zephyr", "none"):
             assert tokenizer(version, template).chat_template.name == template
-    with pytest.raises(ChatTemplateError, match="unknown chat template 'chatml'.*mistral-v1"):
-        Tokenizer(model_file("v1"), "chatml")
+    with pytest.raises(ChatTemplateError, match="unknown chat template 'llama-2'.*mistral-v1.*chatml"):
+        load_tokenizer(model_file("v1"), "llama-2")
+    # ChatML's <|im_start|> is a control token; Mistral's SentencePiece files have none.
+    with pytest.raises(ChatTemplateError, match=r"'chatml'.*writes <\|im_start\|> as a control token"):
+        load_tokenizer(model_file("v1"), "chatml")
 
 
 # ----------------------------------------------------------------------------------- auto
@@ -351,7 +354,7 @@ def hf_dir(tmp_path: Path, version: str, chat_template=None, **files) -> Path:
 
 
 def auto(d: Path, version: str) -> tuple[str, str]:
-    return resolve_chat_template("auto", Tokenizer(d / "tokenizer.model"), [d])
+    return resolve_chat_template("auto", load_tokenizer(d / "tokenizer.model"), [d])
 
 
 @pytest.mark.parametrize("version, jinja, expected", [
@@ -372,11 +375,22 @@ def test_auto_reads_chat_template_jinja_file(tmp_path: Path) -> None:
     assert auto(d, "v1") == ("zephyr", f"{d / 'chat_template.jinja'} holds its chat_template")
 
 
-@pytest.mark.parametrize("jinja", [CHATML_JINJA, LLAMA2_JINJA])
+PHI3_JINJA = ("{% for message in messages %}{{'<|' + message['role'] + '|>' + '\n' + message['content'] + "
+              "'<|end|>\n'}}{% endfor %}")
+
+
+@pytest.mark.parametrize("jinja", [PHI3_JINJA, LLAMA2_JINJA])
 def test_auto_refuses_unknown_jinja(tmp_path: Path, jinja: str) -> None:
     d = hf_dir(tmp_path, "v1", jinja)
     with pytest.raises(ChatTemplateError, match=r"v1/tokenizer_config\.json: its chat_template is none of "
-                       r"the known formats \(mistral-v1 .*mistral-v3 .*zephyr .*none "):
+                       r"the known formats \(mistral-v1 .*mistral-v3 .*zephyr .*chatml .*none "):
+        auto(d, "v1")
+
+
+def test_auto_names_chatml_but_refuses_it_on_a_mistral_tokenizer(tmp_path: Path) -> None:
+    """A ChatML template beside a SentencePiece file without <|im_start|>: recognized, then refused."""
+    d = hf_dir(tmp_path, "v1", CHATML_JINJA)
+    with pytest.raises(ChatTemplateError, match=r"looks like chatml, but tokenizer .*fits none of them"):
         auto(d, "v1")
 
 
@@ -410,7 +424,7 @@ def test_auto_prefers_the_runs_saved_config(tmp_path: Path) -> None:
 
 
 def test_choices() -> None:
-    assert CHOICES == ("auto", "mistral-v1", "mistral-v3", "zephyr", "none")
+    assert CHOICES == ("auto", "mistral-v1", "mistral-v3", "zephyr", "chatml", "none")
 
 
 # ------------------------------------------------------------------------- scripts end to end
@@ -435,9 +449,9 @@ def zephyr_model(tmp_path_factory) -> Path:
     as HuggingFaceH4/mistral-7b-sft-beta ships them."""
     import torch
 
-    from spl.checkpoint import save_model
     from spl.config import ModelConfig
     from spl.model import Transformer
+    from spl.saving import save_model
 
     cfg = ModelConfig(dim=32, n_layers=1, head_dim=8, hidden_dim=64, n_heads=4, n_kv_heads=2,
                       vocab_size=32000, rope_theta=1e4, max_seq_len=512)
@@ -476,7 +490,7 @@ def test_scripts_resolve_print_save_and_refuse(zephyr_model: Path, tmp_path: Pat
     bad = run_script([*args, f"train.out_dir={tmp_path / 'bad'}", "data.chat_template=mistral-v3"],
                      check=False)
     assert bad.returncode == 1 and "does not fit tokenizer" in bad.stderr and "Traceback" not in bad.stderr
-    bad = run_script(["evaluate.py", "--checkpoint", str(out), "--chat-template", "chatml"], check=False)
+    bad = run_script(["evaluate.py", "--checkpoint", str(out), "--chat-template", "llama-2"], check=False)
     assert bad.returncode == 1 and "--chat-template must be one of auto, mistral-v1" in bad.stderr
 
 
@@ -486,6 +500,6 @@ def test_demo_checkpoints_and_exports_say_plain_text(demo_run: Path, tmp_path: P
     from spl.export import export
 
     exported = export(demo_run, out=tmp_path / "merged")
-    tok = Tokenizer(demo_run / "reference" / "tokenizer.model")  # a 160-piece BPE: nothing to go on
+    tok = load_tokenizer(demo_run / "reference" / "tokenizer.model")  # a 160-piece BPE: nothing to go on
     for d in (demo_run, demo_run / "reference", exported):
         assert resolve_chat_template("auto", tok, [d])[0] == "none", d

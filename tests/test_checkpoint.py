@@ -1,4 +1,5 @@
-"""Tests for spl/checkpoint.py: round trips, config mapping, the RoPE permutation, and bad files.
+"""Tests for spl/checkpoint.py, spl/saving.py, spl/layouts.py and spl/atomic.py: round trips,
+config mapping, the RoPE permutation, and bad files.
 
 Every malformed checkpoint must raise ``CheckpointError`` naming the file and, where one exists, the
 tensor: a user with a 14 GB download needs to know which shard to fetch again. Logit agreement with
@@ -18,24 +19,21 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-import spl.checkpoint as ckpt
-from spl.checkpoint import (
-    CheckpointError,
-    atomic_save_file,
-    atomic_write_text,
-    check_tokenizer_vocab,
-    load_model,
+import spl.atomic
+import spl.saving
+from spl.atomic import atomic_save_file, atomic_write_text
+from spl.checkpoint import CheckpointError, check_tokenizer_vocab, load_model
+from spl.config import ModelConfig
+from spl.layouts import (
     model_config_from_hf,
     model_config_from_params,
     model_config_to_hf,
     model_config_to_params,
     permute_hf_to_original,
     permute_original_to_hf,
-    save_model,
-    save_original,
 )
-from spl.config import ModelConfig
 from spl.model import Transformer, apply_rope, rope_tables
+from spl.saving import save_model, save_original
 
 CFG = ModelConfig(dim=40, n_layers=2, head_dim=12, hidden_dim=72, n_heads=4, n_kv_heads=2, vocab_size=97,
                   rope_theta=1e4, sliding_window=6, max_seq_len=256)
@@ -419,7 +417,7 @@ def test_overwrite_and_failed_save_keep_a_whole_checkpoint(model: Transformer, h
             raise OSError("disk full")
         return save_file(*args, **kwargs)
 
-    monkeypatch.setattr(ckpt, "save_file", failing_save_file)
+    monkeypatch.setattr(spl.saving, "save_file", failing_save_file)
     with pytest.raises(OSError, match="disk full"):
         save_model(make_model(), CFG, hf_dir, max_shard_bytes=20_000, overwrite=True)
     assert_same_weights(load_model(hf_dir)[0], model)  # the previous checkpoint, untouched
@@ -434,7 +432,7 @@ def test_atomic_file_helpers(tmp_path: Path, monkeypatch) -> None:
     with safe_open(tmp_path / "a" / "w.safetensors", "pt") as f:
         assert f.metadata() == {"format": "pt", "step": "7"} and torch.equal(f.get_tensor("w"), torch.ones(3))
 
-    monkeypatch.setattr(ckpt, "save_file", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+    monkeypatch.setattr(spl.atomic, "save_file", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
     with pytest.raises(OSError):
         atomic_save_file({"w": torch.zeros(3)}, tmp_path / "a" / "w.safetensors")
     assert torch.equal(load_file(tmp_path / "a" / "w.safetensors")["w"], torch.ones(3))

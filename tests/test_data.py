@@ -33,7 +33,7 @@ from spl.data import (
     read_sft,
     truncate,
 )
-from spl.tokenizer import Tokenizer
+from spl.tokenizer import Tokenizer, load_tokenizer
 
 FIXTURES = Path(__file__).parent / "fixtures"
 HH_RAW, HH_SPLIT = FIXTURES / "hh_rlhf_sample.jsonl", FIXTURES / "hh_rlhf_sample_split.jsonl"
@@ -56,13 +56,13 @@ def v1_model() -> Path:
 
 @pytest.fixture(scope="module")
 def tok() -> Tokenizer:
-    return Tokenizer(v1_model(), "mistral-v1")
+    return load_tokenizer(v1_model(), "mistral-v1")
 
 
 @pytest.fixture(scope="module")
 def raw_tok() -> Tokenizer:
     """The same vocabulary with plain-text prompts (chat template "none")."""
-    return Tokenizer(v1_model(), "none")
+    return load_tokenizer(v1_model(), "none")
 
 
 def parse_one(record: dict) -> PreferenceText:
@@ -398,14 +398,14 @@ def test_sft_masks(tok: Tokenizer) -> None:
 def test_the_tokenizers_template_decides_the_tokens() -> None:
     """mistral-v3 puts the system prompt on the LAST user turn, so the first reply's context differs
     from a shorter conversation's; SFT masks come from one encoding of the whole conversation."""
-    v3 = Tokenizer(v1_model().with_name("mistral_instruct_tokenizer_240323.model.v3"), "mistral-v3")
+    v3 = load_tokenizer(v1_model().with_name("mistral_instruct_tokenizer_240323.model.v3"), "mistral-v3")
     messages = [S("Be brief."), U("Hi"), A("Hello."), U("Bye"), A("Bye!")]
     example = SFTDataset.from_records([{"messages": messages}], v3, max_len=64, max_prompt_len=32)[0]
     assert example.input_ids == v3.encode_chat(messages)
     ids, mask = example.input_ids, example.response_mask
     spans = [i for i in range(len(ids)) if mask[i] and (i == 0 or not mask[i - 1])]
     assert [v3.decode(ids[i:ids.index(v3.eos_id, i) + 1]) for i in spans] == ["Hello.", "Bye!"]
-    zephyr = Tokenizer(v1_model(), "zephyr")
+    zephyr = load_tokenizer(v1_model(), "zephyr")
     pair = PreferenceDataset.from_records([{"prompt": "Hi", "chosen": "Yes.", "rejected": "No."}], zephyr,
                                           max_len=64, max_prompt_len=32)[0]
     assert pair.prompt_ids == zephyr.encode_prompt([U("Hi")])

@@ -31,7 +31,7 @@ from spl.evaluation.scoring import (
 from spl.evaluation.suites import option_probabilities
 from spl.lora import apply_lora, disable_adapters
 from spl.model import Transformer
-from spl.tokenizer import Tokenizer
+from spl.tokenizer import load_tokenizer
 from spl.trainer import Scorer
 from tests.conftest import run_script
 from tests.test_eval_judge import StubServer, completion
@@ -371,7 +371,7 @@ def tiny(tmp_path_factory) -> EvalModel:
     """A random tiny Mistral with the demo's tokenizer (trained here in a fraction of a second)."""
     path = tmp_path_factory.mktemp("tok") / "tokenizer.model"
     train_tokenizer(path, demo_questions())
-    tok = Tokenizer(path)
+    tok = load_tokenizer(path)
     torch.manual_seed(0)
     model = Transformer(demo_model_config(max(tok.vocab_size, 64))).eval()  # room for raw ids below
     return EvalModel("tiny", path.parent, model, tok, chat=False)

@@ -441,10 +441,10 @@ def test_evaluation_records_sampler_diagnostics(tmp_path):
     from spl.evaluation.bestofn import best_of_n_summary
     from spl.evaluation.datasets import MathProblem
     from spl.evaluation.scoring import EvalModel, SamplingSetting, sample_responses
-    from spl.tokenizer import Tokenizer
+    from spl.tokenizer import load_tokenizer
 
     train_demo_tokenizer(tmp_path / "tokenizer.model")
-    tok = Tokenizer(tmp_path / "tokenizer.model")
+    tok = load_tokenizer(tmp_path / "tokenizer.model")
     model = tiny_model(tok.vocab_size, seed=3, lm_scale=1.0)
     counter = CountRows(model)
     em = EvalModel("tiny", tmp_path, model, tok, chat=False)

@@ -22,8 +22,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from spl.checkpoint import load_model, save_original
+from spl.checkpoint import load_model
 from spl.model import Transformer, attend, attention_mask
+from spl.saving import save_original
 
 transformers = pytest.importorskip("transformers", reason="transformers is the test oracle")
 

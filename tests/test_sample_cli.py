@@ -5,9 +5,9 @@ import json
 import pytest
 
 import sample
-from spl.checkpoint import model_config_to_hf
 from spl.config import ModelConfig
 from spl.demo import train_demo_tokenizer
+from spl.layouts import model_config_to_hf
 from tests.conftest import run_script
 
 
@@ -37,7 +37,7 @@ def unloadable(tmp_path_factory):
 def no_loading(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the inputs were checked")
-    monkeypatch.setattr("spl.checkpoint.load_for_inference", refuse)
+    monkeypatch.setattr("spl.inference.load_for_inference", refuse)
 
 
 def rejected(capsys, argv: list[str]) -> str:

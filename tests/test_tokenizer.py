@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from spl.checkpoint import check_tokenizer_vocab
-from spl.tokenizer import Tokenizer
+from spl.tokenizer import Tokenizer, load_tokenizer
 
 
 def find_v1_model() -> Path:
@@ -27,7 +27,7 @@ def find_v1_model() -> Path:
 
 @pytest.fixture(scope="module")
 def tok() -> Tokenizer:
-    return Tokenizer(find_v1_model())
+    return load_tokenizer(find_v1_model())
 
 
 @pytest.mark.parametrize(
@@ -55,7 +55,7 @@ def test_control_ids(tok: Tokenizer) -> None:
 
 def test_chat_template_is_set_by_name(tok: Tokenizer) -> None:
     assert tok.chat_template is None
-    zephyr = Tokenizer(tok.path, "zephyr")
+    zephyr = load_tokenizer(tok.path, "zephyr")
     assert zephyr.chat_template.name == "zephyr"
     zephyr.chat_template = "mistral-v1"
     hi = [{"role": "user", "content": "Hi"}]
@@ -65,14 +65,14 @@ def test_chat_template_is_set_by_name(tok: Tokenizer) -> None:
 def test_missing_file_names_path(tmp_path: Path) -> None:
     path = tmp_path / "nope.model"
     with pytest.raises(FileNotFoundError, match="nope.model"):
-        Tokenizer(path)
+        load_tokenizer(path)
 
 
 def test_non_model_file_names_path(tmp_path: Path) -> None:
     path = tmp_path / "not_a_model.model"
     path.write_text("this is not a protobuf")
     with pytest.raises(ValueError, match="not_a_model.model.*not a SentencePiece model"):
-        Tokenizer(path)
+        load_tokenizer(path)
 
 
 def test_check_vocab(tok: Tokenizer) -> None:

@@ -17,9 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from spl.checkpoint import CheckpointError, load_for_inference, load_model, load_sharded_model
+from spl.checkpoint import CheckpointError, load_model, load_sharded_model
 from spl.config import load_config
 from spl.distributed import DistEnv, TrainingError
+from spl.inference import load_for_inference
 from tests.conftest import ROOT, run_script
 from tests.test_trainer import HH, REAL, build_run
 

@@ -382,7 +382,7 @@ def test_bad_run_inputs_stop_with_one_line(tiny_hf_model, tmp_path, setup, overr
 
 
 def test_sampling_and_evaluation_do_not_import_the_trainer():
-    """Inference loading lives in spl.checkpoint: sample.py, evaluate.py and spl/evaluation read
+    """Inference loading lives in spl.inference: sample.py, evaluate.py and spl/evaluation read
     runs without importing spl.trainer (and its distributed machinery)."""
     import ast
 

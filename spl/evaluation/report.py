@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from spl.checkpoint import atomic_write_text
+from spl.atomic import atomic_write_text
 
 _MAX_INLINE_LIST = 16  # longer lists of numbers (per-prompt values) are left to the JSON
 

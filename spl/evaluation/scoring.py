@@ -76,7 +76,7 @@ class Prompt:
 
 def read_run_config(path: str | Path) -> dict | None:
     """The training config.yaml of a run or step directory (None for a bare model directory)."""
-    from spl.checkpoint import resolve_checkpoint
+    from spl.inference import resolve_checkpoint
 
     for candidate in (resolve_checkpoint(path) / "config.yaml", Path(path) / "config.yaml"):
         if candidate.is_file():
@@ -147,7 +147,7 @@ def load_eval_model(path: str | Path, *, name: str | None = None, adapter: str |
     without a template, for ``EvalModel.follow`` to give it the policy's.
     """
     from spl.chat_templates import ChatTemplateError, ChatTemplateUndecided, set_chat_template
-    from spl.checkpoint import load_for_inference
+    from spl.inference import load_for_inference
 
     loaded = load_for_inference(path, adapter=adapter, tokenizer=tokenizer, device=device, dtype=dtype)
     config = read_run_config(path)
