@@ -60,8 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokenizer.model or tokenizer.json (default: the checkpoint's own)")
     g.add_argument("--chat-template", default="auto",
                    help="how prompts are posed: auto (as each checkpoint was trained: its run config, "
-                        "tokenizer_config.json or control tokens), mistral-v1, mistral-v3, zephyr, none "
-                        "(plain text)")
+                        "tokenizer_config.json or control tokens), mistral-v1, mistral-v3, zephyr, "
+                        "chatml, none (plain text)")
     g.add_argument("--reward-model", metavar="PATH", help="reward-mode run (train.mode=reward) for the "
                    "average-reward quality metric")
     g.add_argument("--reference", metavar="PATH", help="reference policy for the cross-entropy metric "

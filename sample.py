@@ -44,8 +44,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                           "(text) or 'messages' (a conversation)")
     p.add_argument("--chat-template", choices=CHAT_TEMPLATES, default="auto",
                    help="how prompts are posed: auto (as the checkpoint was trained: its run config, "
-                        "tokenizer_config.json or control tokens), mistral-v1, mistral-v3, zephyr, none "
-                        "(plain text)")
+                        "tokenizer_config.json or control tokens), mistral-v1, mistral-v3, zephyr, "
+                        "chatml, none (plain text)")
     p.add_argument("--num-samples", type=int, default=1, help="completions per prompt (default 1)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="token budget per completion (default 64)")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT",
@@ -264,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"warning: {w.message}", file=sys.stderr)
             _report(args, tok, stop, prompts, start, len(batch), res, method, glob, streaming, out_file)
             if questions and glob and args.num_samples > 1:
-                from spl.demo import answer_tally  # the samples counted beside the exact pi^(1/T)
+                from spl.demo_answers import answer_tally  # the samples counted beside the exact pi^(1/T)
                 k = args.num_samples
                 for p in range(len(batch)):
                     log_z = res.diagnostics(p).get("log_z")
@@ -335,7 +335,7 @@ class _Streamer:
 
 def default_prompts(checkpoint: Path) -> tuple[list[str], list]:
     """An opinion run's own survey questions (the demo's) and the questions; else ask for a prompt."""
-    from spl.demo import run_questions
+    from spl.demo_answers import run_questions
     from spl.inference import resolve_checkpoint
 
     questions = run_questions(resolve_checkpoint(checkpoint))

@@ -212,7 +212,7 @@ def main() -> None:
             if not (Path(args.demo) / "checkpoints").is_dir():
                 print(f"(skipping demo: {args.demo} not found; build it with `python train.py`)")
                 continue
-            from spl.demo import demo_questions
+            from spl.demo_answers import demo_questions
             from spl.inference import load_for_inference
             from spl.lora import merge
             loaded = load_for_inference(args.demo, device=args.device)

@@ -48,6 +48,12 @@ figure only. The max over processes is shown.
     python benchmarks/bench_trainer.py --configs ours-lora,trl-lora --rounds 1 --steps 4  # quicker
     python benchmarks/bench_trainer.py --run ours-lora --model-dir DIR            # one process (JSON out)
     python benchmarks/bench_trainer.py --run trl-lora --model-dir DIR --profile   # + top ops to stderr
+    python benchmarks/bench_trainer.py --checkpoint models/SmolLM2-135M-Instruct --configs ours-lora,trl-lora
+
+``--checkpoint DIR`` runs the same comparison on a real HF-layout model instead of the random tiny
+Mistral (SmolLM2-135M-Instruct from ``python -m spl.import_gguf``): its vocabulary, bos/eos ids and
+architecture (TRL loads it with ``AutoModelForCausalLM``; its tokenizer supplies pad and eos only).
+``--pairs``, ``--prompt-len`` and ``--response-len`` set the batch.
 """
 
 from __future__ import annotations
@@ -121,8 +127,22 @@ class Clock:
         return [b[which] - a[which] for a, b in zip(self.ticks[:-1], self.ticks[1:], strict=True)]
 
 
+def use_checkpoint(model_dir: str) -> None:
+    """Take vocabulary size and bos/eos from a real checkpoint's config.json (``--checkpoint``)."""
+    global VOCAB, BOS, EOS, PAD
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    VOCAB, BOS, EOS = cfg["vocab_size"], cfg.get("bos_token_id", 1), cfg.get("eos_token_id", 2)
+    PAD = EOS
+
+
+def set_batch(pairs: int, prompt_len: int, response_len: int) -> None:
+    global PAIRS, PROMPT_LEN, RESPONSE_LEN
+    PAIRS, PROMPT_LEN, RESPONSE_LEN = pairs, prompt_len, response_len
+
+
 def make_pairs(n: int) -> list[tuple[list[int], list[int], list[int]]]:
-    """n (prompt, chosen, rejected) id lists: bos + 127 random prompt ids, 128 random ids per response."""
+    """n (prompt, chosen, rejected) id lists: bos + PROMPT_LEN - 1 random prompt ids, RESPONSE_LEN
+    random ids per response (ids above 3: no unk, bos or eos)."""
     g = torch.Generator().manual_seed(0)
     rand = lambda k: torch.randint(3, VOCAB, (k,), generator=g).tolist()  # skip unk, bos, eos
     return [([BOS] + rand(PROMPT_LEN - 1), rand(RESPONSE_LEN), rand(RESPONSE_LEN)) for _ in range(n)]
@@ -186,23 +206,34 @@ def run_ours(model_dir: str, out_dir: str, mode: str, steps: int, gc: bool, cloc
 
 # ----------------------------------------------------------------------------- TRL
 
-def run_trl(model_dir: str, out_dir: str, mode: str, steps: int, gc: bool, precompute: bool,
-            clock: Clock) -> dict:
+def trl_tokenizer(model_dir: str, real: bool):
+    """The tokenizer TRL is handed; the ids come pre-tokenized, so it only supplies pad and eos."""
+    import transformers
+
+    if real:  # the checkpoint's own
+        tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        return tok
+    import mistral_common
     import sentencepiece
+
+    # Mistral's vocabulary (v1 sentencepiece, shipped offline with mistral-common), without merges.
+    sp = sentencepiece.SentencePieceProcessor(
+        model_file=str(Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"))
+    return transformers.LlamaTokenizer(vocab={sp.id_to_piece(i): i for i in range(sp.get_piece_size())})
+
+
+def run_trl(model_dir: str, out_dir: str, mode: str, steps: int, gc: bool, precompute: bool,
+            clock: Clock, real: bool = False) -> dict:
     import transformers
     from datasets import Dataset
     from peft import LoraConfig
     from trl import DPOConfig, DPOTrainer
 
     base_mib = peak_rss_mib()
-    import mistral_common
-
-    # The ids come pre-tokenized, so the tokenizer only supplies special tokens: its vocabulary is
-    # Mistral's (v1 sentencepiece, shipped offline with mistral-common), without merges.
-    sp = sentencepiece.SentencePieceProcessor(
-        model_file=str(Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"))
-    tok = transformers.LlamaTokenizer(vocab={sp.id_to_piece(i): i for i in range(sp.get_piece_size())})
-    assert tok.eos_token_id == EOS and len(tok) == VOCAB
+    tok = trl_tokenizer(model_dir, real)
+    assert tok.eos_token_id == EOS and len(tok) == VOCAB, (tok.eos_token_id, len(tok))
 
     class PreTokenizedDPOTrainer(DPOTrainer):
         def _prepare_dataset(self, dataset, *args, **kwargs):
@@ -225,8 +256,8 @@ def run_trl(model_dir: str, out_dir: str, mode: str, steps: int, gc: bool, preco
     pairs = make_pairs(steps * PAIRS)
     data = Dataset.from_dict({"prompt_ids": [p for p, _, _ in pairs], "chosen_ids": [c for _, c, _ in pairs],
                               "rejected_ids": [r for _, _, r in pairs]})
-    model = transformers.MistralForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
-                                                            attn_implementation="sdpa")
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
+                                                              attn_implementation="sdpa")
     args = DPOConfig(
         output_dir=out_dir, use_cpu=True, bf16=False, fp16=False, seed=0,
         per_device_train_batch_size=PAIRS, gradient_accumulation_steps=1, max_steps=steps,
@@ -261,7 +292,8 @@ def profiler_hook(warmup: int, n: int = 2):
     return on_tick
 
 
-def child(name: str, model_dir: str, steps: int, profile_after: int | None = None) -> dict:
+def child(name: str, model_dir: str, steps: int, profile_after: int | None = None,
+          real: bool = False) -> dict:
     torch.set_num_threads(THREADS)
     impl, mode, _ = CONFIGS[name]
     gc = "-gc-" in name
@@ -270,7 +302,7 @@ def child(name: str, model_dir: str, steps: int, profile_after: int | None = Non
         if impl == "ours":
             out = run_ours(model_dir, out_dir, mode, steps, gc, clock)
         else:
-            out = run_trl(model_dir, out_dir, mode, steps, gc, "-pre-" in name, clock)
+            out = run_trl(model_dir, out_dir, mode, steps, gc, "-pre-" in name, clock, real)
     assert len(clock.ticks) == steps + 1, f"{name}: {len(clock.ticks) - 1} steps timed, expected {steps}"
     return {**out, "step_s": clock.step_times(0), "cpu_s": clock.step_times(1), "peak_mib": clock.peak_mib,
             "loadavg_1min": os.getloadavg()[0]}
@@ -299,11 +331,15 @@ def measure(names: list[str], args: argparse.Namespace) -> dict[str, list[dict]]
            "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     runs: dict[str, list[dict]] = {n: [] for n in names}
     with tempfile.TemporaryDirectory(prefix="bench_trainer_") as tmp:
-        write_model(Path(tmp))
+        model_dir = args.checkpoint or tmp
+        if not args.checkpoint:
+            write_model(Path(tmp))
         for r in range(args.rounds):
             for name in names:
-                cmd = [sys.executable, __file__, "--run", name, "--model-dir", tmp,
-                       "--warmup", str(args.warmup), "--steps", str(args.steps)]
+                cmd = [sys.executable, __file__, "--run", name, "--model-dir", str(model_dir),
+                       "--warmup", str(args.warmup), "--steps", str(args.steps), *batch_args(args)]
+                if args.checkpoint:
+                    cmd.append("--real")
                 out = subprocess.run(cmd, capture_output=True, text=True, cwd=root, env=env)
                 if out.returncode:
                     sys.exit(f"{name} failed:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}")
@@ -318,6 +354,11 @@ def measure(names: list[str], args: argparse.Namespace) -> dict[str, list[dict]]
     return runs
 
 
+def batch_args(args: argparse.Namespace) -> list[str]:
+    return ["--pairs", str(args.pairs), "--prompt-len", str(args.prompt_len), "--response-len",
+            str(args.response_len)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", choices=sorted(CONFIGS), help="run one configuration (JSON out)")
@@ -329,10 +370,24 @@ def main() -> None:
     parser.add_argument("--raw", help="also write every process's measurements here (JSON)")
     parser.add_argument("--profile", action="store_true", help="with --run: profile 2 steps after warm-up")
     parser.add_argument("--from-raw", nargs="+", help="tabulate earlier --raw files instead of measuring")
+    parser.add_argument("--checkpoint", help="a real HF-layout model directory (not the random tiny Mistral)")
+    parser.add_argument("--real", action="store_true", help=argparse.SUPPRESS)  # child: --model-dir is real
+    parser.add_argument("--pairs", type=int, default=PAIRS, help=f"preference pairs a step ({PAIRS})")
+    parser.add_argument("--prompt-len", type=int, default=PROMPT_LEN, help=f"prompt tokens ({PROMPT_LEN})")
+    parser.add_argument("--response-len", type=int, default=RESPONSE_LEN,
+                        help=f"tokens per response ({RESPONSE_LEN})")
     args = parser.parse_args()
+    if min(args.pairs, args.prompt_len, args.response_len) < 1:
+        parser.error("--pairs, --prompt-len and --response-len must be positive")
+    if args.checkpoint and not (Path(args.checkpoint) / "config.json").is_file():
+        parser.error(f"--checkpoint {args.checkpoint}: no config.json there (spl.import_gguf writes one)")
+    set_batch(args.pairs, args.prompt_len, args.response_len)
+    if args.checkpoint or args.real:
+        use_checkpoint(args.checkpoint or args.model_dir)
     total = args.warmup + args.steps
     if args.run:
-        print(json.dumps(child(args.run, args.model_dir, total, args.warmup if args.profile else None)))
+        print(json.dumps(child(args.run, args.model_dir, total, args.warmup if args.profile else None,
+                               args.real)))
         return
 
     import peft
@@ -352,7 +407,9 @@ def main() -> None:
             parser.error(f"unknown configs {unknown}; known: {sorted(CONFIGS)}")
         runs = measure(names, args)
 
-    print(f"CPU: {platform.machine()}, {os.cpu_count()} cores (shared), {THREADS} threads; torch "
+    model_name = args.checkpoint or f"random tiny Mistral (dim {DIM}, {N_LAYERS} layers, vocab {VOCAB})"
+    print(f"model: {model_name}; CPU: {platform.machine()}, {os.cpu_count()} cores (shared), {THREADS} "
+          f"threads; torch "
           f"{torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}, peft "
           f"{peft.__version__}; fp32; {PAIRS} pairs x {PROMPT_LEN}+{RESPONSE_LEN} tokens a step; "
           f"{min(len(runs[n]) for n in names)}-{max(len(runs[n]) for n in names)} processes per row, "

@@ -47,12 +47,11 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from spl.config import Config, DataConfig, LoRAConfig, ModelConfig, TrainConfig  # noqa: E402
-from spl.demo import (  # noqa: E402
+from spl.demo import fit_reference, preference_pairs  # noqa: E402
+from spl.demo_answers import (  # noqa: E402
     QUESTIONS_FILE,
     answer_distributions,
     erased_groups,
-    fit_reference,
-    preference_pairs,
     theory,
     total_variation,
     well_formed_mass,

@@ -56,7 +56,8 @@ fp32 output (``torch.mm(out_dtype=torch.float32)``, CUDA, torch >= 2.8), so it i
 after scaling by g. Outputs are fp32; gradients come back in each input's own dtype.
 
 Host syncs: none on the hot path. Positions outside ``loss_mask`` become IGNORE_INDEX targets
-(a (B, T) op), which the softmax step skips; nothing is packed by a mask. A target outside
+(a (B, T) op), which the softmax step skips; on a GPU nothing is packed by a mask (on the CPU,
+where a sync costs nothing, only masked-in rows are projected: ``token_logps``). A target outside
 [0, V) under the mask makes that token's log-prob NaN (so the loss is NaN, which the trainer's
 finite-loss check reports) rather than being checked on the host each call; set
 ``SPL_CHECK_TARGETS=1`` to check every call eagerly and raise a ValueError naming the bad value.
@@ -79,6 +80,9 @@ IMPLS = ("auto", "plain", "chunked", "triton")
 IGNORE_INDEX = -100  # the same value as spl_kernels.fused_logprobs.IGNORE_INDEX and torch's cross-entropy
 # Debug switch, read once: check targets on the host every call (one sync each).
 CHECK_TARGETS = os.environ.get("SPL_CHECK_TARGETS") == "1"
+# Devices on which token_logps projects only the masked-in rows (a host sync for their count,
+# free where nothing runs asynchronously). On a GPU the sync would cost more than the FLOPs.
+PACK_DEVICES = frozenset({"cpu"})
 
 TORCH_BLOCK_BYTES = 32 * 2**20  # softmax_rows_torch: fp32 temporaries per block of rows
 # softmax_rows(z, targets, lse, logp, *, stats, delta, grad): the step between the matmuls.
@@ -355,12 +359,18 @@ def token_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tenso
         return plain_token_logps(hidden.reshape(B, T, -1), weight, targets, loss_mask)
 
     V, D = weight.shape
-    # Every position goes through the matmuls; the mask becomes ignored targets. Packing the
-    # masked-in rows instead would skip prompt FLOPs but sync with the host for the packed size.
+    # The mask becomes ignored targets. On a GPU every position then goes through the matmuls:
+    # packing the masked-in rows would skip prompt FLOPs but sync with the host for the packed
+    # size. On the CPU there is no asynchrony to lose, so only masked-in rows are projected: prompt
+    # and padding positions (half the tokens of a typical preference batch) cost no logits.
     y = torch.where(loss_mask, targets, IGNORE_INDEX).reshape(-1).to(torch.int64)  # (B*T,)
     if CHECK_TARGETS:
         _check_targets(y, V)
     h = hidden.reshape(B * T, D)  # (B*T, D) a copy only if hidden is a strided view
+    packed = None
+    if hidden.device.type in PACK_DEVICES:
+        packed = (y != IGNORE_INDEX).nonzero().squeeze(1)  # (M,) positions that are scored
+        h, y = h.index_select(0, packed), y.index_select(0, packed)  # (M, D), (M,)
     cd = compute_dtype_for(hidden, weight)
     rows = _softmax_rows_for(impl, hidden.device, cd)
     itemsize = torch.tensor([], dtype=cd).element_size()
@@ -372,6 +382,8 @@ def token_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tenso
         else:
             # No graph (reference model, evaluation): statistics only, nothing stored.
             out, _ = _forward_chunks(h.to(cd).contiguous(), weight.to(cd).contiguous(), y, chunk, rows)
+    if packed is not None:  # back to (B*T,), zeros elsewhere; differentiable (index_put)
+        out = out.new_zeros(B * T).index_put((packed,), out)
     return out.view(B, T)
 
 

@@ -140,15 +140,21 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
 
     Without a mask, ``enable_gqa`` shares each key/value head among H / Hkv query heads without
     copying it, on SDPA's flash kernel. With a mask (padding, KV-cache decode, sliding window) SDPA
-    has no fused kernel that also shares heads: on a GPU it falls back to its math kernel, which
-    copies the heads anyway and materializes the (B, H, T, S) scores. Expanding K and V here
-    instead costs the same copy and keeps the memory-efficient kernel, which takes a mask.
+    has no fused kernel that also shares heads (on a GPU it falls back to its math kernel). So the
+    g = H / Hkv query heads of each key/value head are folded into its query axis instead: q becomes
+    (B, Hkv, g*T, Dh) and the mask (., 1, g*T, S); keys and values are never copied (expanding them
+    would copy the whole KV cache at every decoding step), and SDPA's memory-efficient kernels apply.
     """
-    groups = q.shape[1] // k.shape[1]
-    if mask is not None and groups > 1:
-        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # (B, H, S, Dh)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                          enable_gqa=mask is None and groups > 1)  # (B, H, T, Dh)
+    B, H, T, Dh = q.shape
+    groups = H // k.shape[1]
+    if mask is None or groups == 1:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                              enable_gqa=mask is None and groups > 1)  # (B, H, T, Dh)
+    # Query head h uses key/value head h // groups (repeat_interleave order): (B, Hkv, g, T, Dh).
+    qg = q.reshape(B, H // groups, groups * T, Dh)  # (B, Hkv, g*T, Dh)
+    mg = mask[:, :, None].expand(-1, -1, groups, -1, -1).reshape(mask.shape[0], 1, groups * T, -1)
+    out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mg)  # (B, Hkv, g*T, Dh)
+    return out.view(B, H, T, Dh)
 
 
 class Attention(nn.Module):

@@ -121,7 +121,11 @@ def tiny_llama_model(smollm2_tokenizer_files, tmp_path_factory) -> Path:
                       family="llama")
     torch.manual_seed(0)
     out = tmp_path_factory.mktemp("tiny_llama") / "model"
-    save_model(Transformer(cfg), cfg, out)
+    model = Transformer(cfg)
+    # HF's initializer range: nn.Embedding's N(0, 1) would make the tied output's logits ~N(0, dim),
+    # so peaked that the random model puts probability 1 on one token.
+    torch.nn.init.normal_(model.embed_tokens.weight, std=0.02)
+    save_model(model, cfg, out)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copyfile(smollm2_tokenizer_files / name, out / name)
     return out

@@ -16,6 +16,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import yaml  # noqa: E402
+
 import train  # noqa: E402
 from spl.distributed import exit_process, init_distributed  # noqa: E402
 
@@ -28,7 +30,7 @@ def main() -> None:
     env = init_distributed()
     results = {}
     for config in sorted((ROOT / "configs").glob("*.yaml")):
-        fmt = "hh" if "hh_rlhf" in config.name else "preference"
+        fmt = (yaml.safe_load(config.read_text()).get("data") or {}).get("format", "preference")
         argv = [str(config), f"model.checkpoint={model}", f"data.train_path={DATA[fmt]}", "data.max_len=96",
                 "data.max_prompt_len=64", "data.eval_size=4", "train.max_steps=2", "train.log_every=1",
                 f"train.out_dir={out / f'{config.stem}_{env.world_size}'}"]

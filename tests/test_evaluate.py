@@ -15,7 +15,8 @@ from safetensors.torch import save_file
 
 from evaluate import main as evaluate_main
 from spl.data import Where, parse_hh
-from spl.demo import demo_model_config, demo_questions, train_tokenizer
+from spl.demo import demo_model_config, train_tokenizer
+from spl.demo_answers import demo_questions
 from spl.evaluation.datasets import MultipleChoice, load_gsm8k, load_math
 from spl.evaluation.options import EvalConfig, plan_evaluation
 from spl.evaluation.runner import run_evaluation

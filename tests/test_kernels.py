@@ -15,6 +15,8 @@ import os
 import pytest
 import torch
 
+import spl.logprobs
+
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 triton = pytest.importorskip("triton")
@@ -139,6 +141,7 @@ def test_matmuls_run_in_torch_not_in_the_kernel():
     batch = make_batch(*SHAPES[1], torch.float32, DEVICE)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(torch, "mm", recording_mm)
+        patch.setattr(spl.logprobs, "PACK_DEVICES", frozenset())  # every row, as on a GPU
         run(triton_path(8), batch, False)
     assert len(calls) == 2 * -(-batch.loss_mask.numel() // 8)  # logits, W^T delta per chunk
     assert set(calls) == {(torch.float32, torch.float32)}

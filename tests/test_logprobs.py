@@ -156,8 +156,10 @@ def test_out_of_range_target_poisons_only_its_token(mode, monkeypatch):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_no_host_sync(mode, monkeypatch):
-    """Forward and backward wait on no device value: no .item(), no mask-sized packing."""
+    """Forward and backward wait on no device value: no .item(), no mask-sized packing. This is
+    the path a GPU takes; the CPU packs masked-in rows (test_cpu_packs_only_scored_rows)."""
     weight_trains = use_mode(monkeypatch, mode)
+    monkeypatch.setattr(spl.logprobs, "PACK_DEVICES", frozenset())
     batch = make_batch(*SHAPES[1], torch.float32)
     hidden = batch.hidden.clone().requires_grad_(True)
     weight = batch.weight.clone().requires_grad_(weight_trains)
@@ -221,10 +223,43 @@ def test_frozen_weight_backward_recomputes_nothing(dtype):
         assert any(op.startswith(("mm", "addmm")) for op in rec.ops) == expect_matmuls, rec.ops
 
 
-def test_matmuls_run_in_torch_at_the_compute_dtype():
+@pytest.mark.parametrize("mode", ["keep", "recompute", "frozen"])
+def test_cpu_packs_only_scored_rows(mode, monkeypatch):
+    """On the CPU only masked-in positions are projected: M scored rows get logits, not B*T,
+    with values and gradients equal to the unpacked path (which is what a GPU runs)."""
+    weight_trains = use_mode(monkeypatch, mode)
+    batch = make_batch(*SHAPES[1], torch.float32)
+    scored = int(batch.loss_mask.sum())
+    assert 0 < scored < batch.loss_mask.numel()
+
+    def go(pack):
+        monkeypatch.setattr(spl.logprobs, "PACK_DEVICES", frozenset({"cpu"}) if pack else frozenset())
+        hidden = batch.hidden.clone().requires_grad_(True)
+        weight = batch.weight.clone().requires_grad_(weight_trains)
+        rec = OpRecorder()
+        with rec:
+            tok = token_logps(hidden, weight, batch.targets, batch.loss_mask, impl="chunked", chunk_size=8)
+        tok.sum(-1).backward(batch.grad_seq)
+        V = batch.weight.shape[0]
+        logit_rows = sum(a[-2].shape[0] for name, a in rec.calls  # (rows, D) @ (D, V) products
+                         if name.startswith(("mm", "addmm")) and a[-1].shape[-1] == V)
+        return tok.detach(), hidden.grad, weight.grad, logit_rows
+
+    tok_p, gh_p, gw_p, mm_p = go(True)
+    tok_u, gh_u, gw_u, mm_u = go(False)
+    torch.testing.assert_close(tok_p, tok_u, rtol=1e-6, atol=1e-6)
+    assert torch.all(tok_p[~batch.loss_mask] == 0)
+    torch.testing.assert_close(gh_p, gh_u, rtol=1e-5, atol=1e-6)
+    if weight_trains:
+        torch.testing.assert_close(gw_p, gw_u, rtol=1e-5, atol=1e-6)
+    assert (mm_p, mm_u) == (scored, batch.loss_mask.numel())  # rows given logits, packed vs not
+
+
+def test_matmuls_run_in_torch_at_the_compute_dtype(monkeypatch):
     """Every product of the frozen-W path is an aten matmul on fp32 operands for fp32 inputs, so
     on a GPU it follows torch's own fp32 matmul setting (IEEE unless TF32 is allowed), as plain
     torch does. The old Triton path ran its own tl.dot in TF32 and failed 2x-plain on a GPU."""
+    monkeypatch.setattr(spl.logprobs, "PACK_DEVICES", frozenset())  # the GPU's row count
     batch = make_batch(*SHAPES[1], torch.float32)
     rec = OpRecorder()
     with rec:

@@ -250,8 +250,8 @@ def test_activation_checkpointing_same_loss_and_grads(case: Case) -> None:
 
 @pytest.mark.parametrize("masked", [True, False], ids=["mask", "causal"])
 def test_attend_equals_sdpa_with_shared_kv_heads(masked: bool) -> None:
-    """Expanding K/V heads under a mask (to keep SDPA's fused kernels on a GPU) changes nothing:
-    the output equals SDPA's own head sharing (``enable_gqa``) on the same inputs."""
+    """Folding query heads into the query axis under a mask (no K/V copy, SDPA's masked kernels)
+    changes nothing: the output equals SDPA's own head sharing (``enable_gqa``) on the same inputs."""
     torch.manual_seed(0)
     B, H, Hkv, T, S, Dh = 2, 8, 2, 5, 9, 16
     q = torch.randn(B, H, T, Dh)  # (B, H, T, Dh)

@@ -6,7 +6,8 @@ import json
 import pytest
 import torch
 
-from spl.demo import erased_groups, preference_pairs, read_questions_file, theory, write_questions
+from spl.demo import preference_pairs
+from spl.demo_answers import erased_groups, read_questions_file, theory, write_questions
 from spl.survey import (
     ALL_COUNTRIES_FILE,
     SUM_TOLERANCE,

@@ -267,11 +267,11 @@ def demo_suite(policy: EvalModel) -> dict:
 
     The questions are the run's own (its questions.jsonl), else the default demo's. The trained
     distribution is the model's option-letter probabilities renormalized over the options
-    (``spl.demo.answer_distributions``); the reference is the same weights with
+    (``spl.demo_answers.answer_distributions``); the reference is the same weights with
     adapters disabled. SPL's optimum ``ref^(beta/alpha) * p^(1/alpha)`` uses alpha and beta from
     the run's config.yaml, and is left out when the checkpoint has none.
     """
-    from spl.demo import answer_distributions, demo_questions, run_questions, theory
+    from spl.demo_answers import answer_distributions, demo_questions, run_questions, theory
 
     train = (policy.config or {}).get("train", {})
     alpha, beta = train.get("alpha"), train.get("beta")
