@@ -182,8 +182,10 @@ def sweep(args) -> tuple[dict, list[SurveyQuestion], list[torch.Tensor]]:
     uniform_tv = [total_variation(r, torch.full_like(r, 1 / len(r))) for r in ref]
     print(f"reference: total variation to uniform {sum(uniform_tv) / len(uniform_tv):.4f} mean, "
           f"{max(uniform_tv):.4f} worst")
+    # Equal non-answer counts per option, as when the README's and RESULTS.md's sweep numbers were
+    # measured; the demo scales them by share (spl.demo.preference_pairs), not yet measured here.
     pairs = preference_pairs(questions, tok, args.comparisons, seed=1,
-                             non_answer_comparisons=args.non_answers)
+                             non_answer_comparisons=args.non_answers, by_share=False)
     timings["reference_s"] = time.perf_counter() - tic
     results = {"questions": [q.id for q in questions], "pooled": [q.pooled for q in questions],
                "reference_tv_to_uniform": uniform_tv, "pairs": len(pairs), "alphas": {}}

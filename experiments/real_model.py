@@ -614,11 +614,20 @@ def report(out: Path, s: dict, mode: str, runs: dict, div: dict, bon: dict, time
     ]
     for name, row in table.items():
         lines.append(f"| {name} | " + " | ".join(fmt(row[m]) for m in METRICS) + " |")
-    lines += ["", "![pareto](figures/pareto.png)", "", "## Example responses (first held-out prompt)", ""]
-    for name in ("DPO t=1", "DPO t=1.4", "SPL T=2 t=1"):
-        if name in div:
-            text = div[name]["samples"][0]["response"].strip().replace("\n", " ")
-            lines.append(f"- **{name}**: {text[:300]}")
+    shown = [n for n in ("DPO t=1", "DPO t=1.4", "SPL T=2 t=1") if n in div]
+    lines += [
+        "",
+        "![pareto](figures/pareto.png)",
+        "",
+        "## Example responses (Figure 1's comparison: the same held-out prompts, first sample each)",
+        "",
+        "| prompt (its last turn) | " + " | ".join(shown) + " |",
+        "|---|" + "---|" * len(shown),
+    ]
+    for k, prompt in enumerate(heldout_prompts(out, min(3, s["prompts"]))):
+        cells = [_cell(prompt.messages[-1]["content"], 160)]
+        cells += [_cell(div[n]["samples"][k * s["samples"]]["response"], 300) for n in shown]
+        lines.append("| " + " | ".join(cells) + " |")
     lines += [
         "",
         "## Best-of-N on GSM8K (§4.2)",
@@ -659,6 +668,12 @@ def report(out: Path, s: dict, mode: str, runs: dict, div: dict, bon: dict, time
         )
         + "\n",
     )
+
+
+def _cell(text: str, width: int) -> str:
+    """Text for one markdown table cell: one line, no pipes, cut at width characters."""
+    text = " ".join(text.replace("|", "/").split())
+    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def stage_times(runs: dict, div: dict, bon: dict) -> dict:

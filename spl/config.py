@@ -187,7 +187,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW (beta1, beta2)
     warmup_steps: int = 20
-    max_steps: int = 1500
+    max_steps: int = 3000
     schedule: str = "cosine"  # cosine | linear | constant, after linear warmup
     min_lr_ratio: float = 0.1  # decay floor as a fraction of lr
     batch_size: int = 64  # pairs (or sequences) per optimizer step, over all ranks

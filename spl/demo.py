@@ -78,13 +78,9 @@ REFERENCE_LR = 1e-2  # its peak learning rate: the format (letter, then </s>) mu
 REFERENCE_ADAM_BETAS = [0.9, 0.95]
 
 
-
-
 # ---------------------------------------------------------------------------------------------
 # Data: tokenizer, reference answers, preference pairs
 # ---------------------------------------------------------------------------------------------
-
-
 
 
 def train_tokenizer(path: Path, questions: list[SurveyQuestion]) -> None:
@@ -137,7 +133,7 @@ def reference_records(questions: list[SurveyQuestion], copies: int, seed: int) -
 
 
 def preference_pairs(questions: list[SurveyQuestion], tok, comparisons: int, seed: int, *,
-                     non_answer_comparisons: int | None = None):
+                     non_answer_comparisons: int | None = None, by_share: bool = True):
     """The population's pairwise preferences as a ``PreferenceDataset`` of one-token answers.
 
     Each pair of options (i, j) of a question is compared ``comparisons`` times; round(comparisons
@@ -147,10 +143,11 @@ def preference_pairs(questions: list[SurveyQuestion], tok, comparisons: int, see
     Non-answers. A letter that answers other questions of the set but is not an option here, and
     "</s>" (an empty answer: a refusal, which the survey rules drop), are zero-share options: every
     option beats them ``comparisons`` times. Every other token of the vocabulary loses to every
-    option ``non_answer_comparisons`` times. Nobody answers with those (p_best = 0), so by Prop. A.1 the
-    optimum gives them 0 and leaves the options' proportions as they were. Without them the loss
-    sees nothing but the options, and training lets probability leak out of the answers, where a
-    sampler then finds it.
+    option ``non_answer_comparisons`` times. With ``by_share`` (the demo) those counts are scaled by
+    k p_i for option i of k (the mean stays the same; a zero-share option gets none): see below.
+    Nobody answers with those (p_best = 0), so by Prop. A.1 the optimum gives them 0 and leaves
+    the options' proportions as they were. Without them the loss sees nothing but the options, and
+    training lets probability leak out of the answers, where a sampler then finds it.
 
     Format. Each option followed by "</s>" also beats the same option followed by any other token,
     ``non_answer_comparisons`` times each: the answer's end is part of its format, and without
@@ -182,11 +179,17 @@ def preference_pairs(questions: list[SurveyQuestion], tok, comparisons: int, see
         # Zero-share options: other questions' letters, and "</s>" (an empty answer is a refusal,
         # which the survey rules drop).
         elsewhere = (set(letter_ids.values()) | {tok.eos_id}) - own
-        for answer in answers:
+        for i, answer in enumerate(answers):
+            # In proportion to the option's share: a person's answer (drawn from p) against one that
+            # nobody gives. The loss keeps pushing every non-answer down (its optimum is -inf), and
+            # each such pair's gradient on log pi(answer) is ~ pi(non-answer) / pi(answer): equal
+            # counts would lift the rare options most and flatten the answers (measured: TV 0.05-0.07
+            # to theory on two questions); counts ~ p_i make that push the same for every option.
+            share = len(p) * p[i] if by_share else 1.0
             for t in range(tok.vocab_size):
                 if t in own:
                     continue
-                count = comparisons if t in elsewhere else non_answer_comparisons
+                count = round(share * (comparisons if t in elsewhere else non_answer_comparisons))
                 pairs += [PreferencePair(prompt, answer, single[t])] * count
             done = answer + [tok.eos_id]  # the format: "</s>" ends the answer
             pairs += [PreferencePair(prompt, done, answer + [t])
@@ -201,27 +204,9 @@ def preference_pairs(questions: list[SurveyQuestion], tok, comparisons: int, see
 # ---------------------------------------------------------------------------------------------
 
 
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 # ---------------------------------------------------------------------------------------------
 # The printout
 # ---------------------------------------------------------------------------------------------
-
-
 
 
 def report(questions: list[SurveyQuestion], ref_dists, trained_dists, alpha: float,
@@ -314,12 +299,6 @@ def fit_reference(cfg: Config, env, questions: list[SurveyQuestion], ref_dir: Pa
     # The config that fitted it says how it reads prompts (chat template "none") to sample.py and
     # evaluate.py, which are pointed at this directory too (base model, difficulty source).
     (ref_dir / "config.yaml").write_text(sft_cfg.to_yaml())
-
-
-
-
-
-
 
 
 def run_demo(cfg: Config, env) -> dict:

@@ -19,16 +19,16 @@ def majority(row: dict) -> int:
 
 
 def test_demo_matches_spl_theory(demo_run):
-    """alpha = 1: within TV 0.05 of pi ∝ ref^(b/a) p^(1/a) on average and 0.08 on every question (the
-    LoRA demo in 1500 steps; the sweep's test holds each question to 0.05), US and pooled alike;
+    """alpha = 1: within TV 0.05 of pi ∝ ref^(b/a) p^(1/a) on every question and 0.03 on average
+    (the README's goal; measured on seeds 0 and 1: worst 0.019 and 0.028), US and pooled alike;
     DPO's theory erases a country's view on each pooled question, the trained model none."""
     rows = json.loads((demo_run / "demo_results.json").read_text())
     assert len(rows) == 6 and sum(len(r["groups"]) > 1 for r in rows) == 2
     gaps = [tv(row["trained"], row["spl_theory"]) for row in rows]
-    assert sum(gaps) / len(gaps) <= 0.05, gaps
+    assert sum(gaps) / len(gaps) <= 0.03, gaps
     for row, gap in zip(rows, gaps, strict=True):
         assert abs(sum(row["trained"]) - 1) < 1e-6
-        assert gap <= 0.08, (row["id"], row["trained"], row["spl_theory"])
+        assert gap <= 0.05, (row["id"], row["trained"], row["spl_theory"])
         assert row["well_formed"] >= 0.9999, row  # mass stays on "<letter></s>" (sampling relies on it)
         assert row["erased_by_trained"] == []
         if len(row["groups"]) > 1:

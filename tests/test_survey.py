@@ -112,7 +112,8 @@ def test_zero_shares_and_comparisons():
     other = SurveyQuestion("goqa-2", "R?", ["a", "b", "c", "d", "e"], "United States", [0.2] * 5,
                            {"United States": [0.2] * 5})
     tok = LetterTokenizer()
-    pairs = preference_pairs([q, other], tok, comparisons=50, seed=0, non_answer_comparisons=2)
+    pairs = preference_pairs([q, other], tok, comparisons=50, seed=0, non_answer_comparisons=2,
+                             by_share=False)
     prompt = tok.encode(q.prompt(), bos=True)
     # The format: each option then </s> beats the same option running on with any other token, twice.
     form = [(tuple(p.chosen_ids), tuple(p.rejected_ids)) for p in pairs
@@ -139,6 +140,34 @@ def test_zero_shares_and_comparisons():
     pop, ref = torch.tensor(q.population, dtype=torch.float64), torch.full((4,), 0.25, dtype=torch.float64)
     for alpha in (0.1, 1.0, 2.0):
         assert theory(ref, pop, alpha, 0.1)[2:].tolist() == [0.0, 0.0]
+
+
+
+def test_non_answer_comparisons_in_proportion_to_share():
+    """The demo's default: option i of k beats each non-answer k p_i times as often as the equal
+    count (a person's answer, drawn from p, against one nobody gives), zero-share options never;
+    the comparisons between options are the same as with equal counts."""
+    q = SurveyQuestion("goqa-1", "Q?", ["a", "b", "c", "d"], "United States", [0.6, 0.4, 0.0, 0.0],
+                       {"United States": [0.6, 0.4, 0.0, 0.0]})
+    tok = LetterTokenizer()
+    prompt = tok.encode(q.prompt(), bos=True)
+
+    def counts(**kw):
+        pairs = preference_pairs([q], tok, comparisons=50, seed=0, non_answer_comparisons=10, **kw)
+        mine = [(p.chosen_ids[0], p.rejected_ids[0]) for p in pairs
+                if p.prompt_ids == prompt and len(p.chosen_ids) == 1]
+        return {pair: mine.count(pair) for pair in set(mine)}
+
+    by_share, equal = counts(), counts(by_share=False)
+    a, b, c, d = 10, 11, 12, 13
+    for w, scale in ((a, 4 * 0.6), (b, 4 * 0.4)):
+        assert by_share[(w, tok.eos_id)] == round(scale * 50)  # an empty answer, like a zero share
+        assert by_share[(w, 20)] == round(scale * 10)  # a token that answers nothing
+        assert equal[(w, tok.eos_id)] == 50 and equal[(w, 20)] == 10
+    assert all((w, t) not in by_share for w in (c, d) for t in range(20, 30))
+    options = {(x, y) for x in (a, b, c, d) for y in (a, b, c, d)}
+    between = {k: by_share[k] for k in options & by_share.keys()}
+    assert between == {k: equal[k] for k in options & equal.keys()}
 
 
 def test_erased_groups_and_round_trip(tmp_path):
