@@ -325,6 +325,53 @@ def bootstrap(values: list, draws: int = 2000, seed: int = 0) -> dict:
     }
 
 
+TAIL_P = 1e-3  # "the tail": tokens the model itself gives less than 0.1%
+TAIL_TEMPS = (1.0, 1.5, 2.0, 4.0)
+
+
+def tail_share(logits, temps) -> dict:
+    """Per position (rows of (R, V) logits), the share of p^(1/T) (normalized) on tokens p < TAIL_P."""
+    tail = logits.softmax(-1) < TAIL_P
+    return {t: ((logits / t).softmax(-1) * tail).sum(-1) for t in temps}
+
+
+def tail_mass(out: Path, s: dict, seed: int, div: dict) -> dict:
+    """Why sequence-level temperature fails at this scale, measured: at each position of DPO's own
+    t = 1 responses, the share of sum_v p(v)^(1/T) held by tokens with p(v) < TAIL_P. The global
+    samplers' proposal is p^(1/T) per token and their weights only reweight whole sequences, so this
+    share is how often a tempered step leaves what the model itself would say."""
+    import torch
+
+    settings = {
+        "stage": "tail",
+        "seed": seed,
+        "tail_p": TAIL_P,
+        "temps": list(TAIL_TEMPS),
+        **{k: s[k] for k in ("prompts", "samples", "max_new_tokens", "steps", "train_pairs")},
+    }
+    path = out / "diversity" / "tail_mass.json"
+    done = cached(path, settings)
+    if done:
+        return done
+    log("tail mass of p^(1/T) at DPO's own t=1 responses")
+    t0 = time.time()
+    em = load_models(out, {"dpo"})["dpo"]
+    prompts = {p.id: p for p in heldout_prompts(out, s["prompts"])}
+    shares = {t: [] for t in TAIL_TEMPS}
+    with torch.inference_mode():
+        for sample in div["DPO t=1"]["samples"]:
+            prompt = em.encode_prompt(prompts[sample["prompt_id"]])
+            response = em.tokenizer.encode(sample["response"])
+            if not response:
+                continue
+            ids = torch.tensor([prompt + response], device=em.device)
+            logits = em.model(ids)[0, len(prompt) - 1 : -1].float()  # (R, V): the response positions
+            for t, share in tail_share(logits, TAIL_TEMPS).items():
+                shares[t] += share.tolist()
+    result = {f"{t:g}": float(np.mean(v)) for t, v in shares.items()}
+    return save(path, settings, {"seconds": time.time() - t0, "positions": len(shares[1.0]), "share": result})
+
+
 # ----------------------------------------------------------------------------- 4. best-of-N
 
 
@@ -497,7 +544,7 @@ def _interpolate(points: list[tuple[float, float]], x: float) -> float | None:
     return None
 
 
-def findings(table: dict, bon: dict, ks: list[int]) -> list[str]:
+def findings(table: dict, bon: dict, ks: list[int], tail: dict | None = None) -> list[str]:
     """The paper's claims next to what this run measured, each with its verdict computed here."""
     lines = ["## The paper's claims against this run", ""]
     nw = {t: table.get(f"DPO t={t}", {}).get("non_word_token_rate", {}) for t in ("1", "1.4", "1.6")}
@@ -547,6 +594,16 @@ def findings(table: dict, bon: dict, ks: list[int]) -> list[str]:
         "sampled at global temperature T aim at one distribution; they can agree only as far as both "
         "trainings reach their optima. " + "; ".join(parts) + "."
     )
+    if tail:
+        sh = tail["share"]
+        lines.append(
+            f"   Why tempered DPO reads as noise here: at the {tail['positions']} positions of DPO's own t=1 "
+            f"responses, tokens the model gives < {TAIL_P:g} hold {sh['1']:.3f} of its probability, but "
+            + ", ".join(f"{sh[k]:.3f} of p^(1/{k})" for k in sh if k != "1")
+            + " (normalized per position). The global samplers propose p^(1/T) token by token, and the "
+            "sequence-level target pi^(1/T) then weights each step by sum_v p(v)^(1/T), which is largest "
+            "where the next-token distribution is flattest: it favours the steps into the tail."
+        )
     k = max(ks)
     rows = bon["settings"]
     split = "hard" if any("hard" in r["splits"] for r in rows.values()) else "all"
@@ -564,7 +621,7 @@ def findings(table: dict, bon: dict, ks: list[int]) -> list[str]:
     return lines + [""]
 
 
-def report(out: Path, s: dict, mode: str, runs: dict, div: dict, bon: dict, times: dict) -> None:
+def report(out: Path, s: dict, mode: str, runs: dict, div: dict, bon: dict, times: dict, tail: dict) -> None:
     table = {name: {m: bootstrap(r["details"].get(m, [])) for m in METRICS} for name, r in div.items()}
     notes = figures(out, table, bon)
     rm_eval = runs["rm"].get("eval") or {}
@@ -590,7 +647,7 @@ def report(out: Path, s: dict, mode: str, runs: dict, div: dict, bon: dict, time
         + ", ".join(f"{k} {v / 60:.1f} min" for k, v in stage_times(runs, div, bon).items())
         + f"; this invocation {times['total (this invocation)'] / 60:.1f} min",
         "",
-        *findings(table, bon, s["ks"]),
+        *findings(table, bon, s["ks"], tail),
         "## Training",
         "",
         "| model | first loss | last loss | held-out eval |",
@@ -727,12 +784,13 @@ def main(argv: list[str] | None = None) -> int:
     times["training"] = time.time() - t0
     t1 = time.time()
     div = diversity(out, s, args.seed, args.batch_size)
+    tail = tail_mass(out, s, args.seed, div)
     times["diversity"] = time.time() - t1
     t2 = time.time()
     bon = best_of_n(out, s, args.seed, args.batch_size)
     times["best-of-N"] = time.time() - t2
     times["total (this invocation)"] = time.time() - t0
-    report(out, s, mode, runs, div, bon, times)
+    report(out, s, mode, runs, div, bon, times, tail)
     if args.publish:
         dest = Path(args.publish)
         (dest / "figures").mkdir(parents=True, exist_ok=True)

@@ -81,6 +81,24 @@ def test_findings_compute_each_verdict(rm):
     assert "pass@4 on the hard split (2 GSM8K problems" in above
     assert "DPO t=1 0.000, SPL T=2 t=1 0.500" in above
     assert "reference cross-entropy SPL 2.100 [2.050, 2.150] vs tempered DPO 9.000" in above
+    tail = {"positions": 10, "share": {"1": 0.04, "1.5": 0.3, "2": 0.6, "4": 0.9}}
+    why = "\n".join(rm.findings(synthetic_table(1.6), bon, [1, 4], tail))
+    assert "hold 0.040 of its probability, but 0.300 of p^(1/1.5), 0.600 of p^(1/2), 0.900 of p^(1/4)" in why
+
+
+def test_tail_share_of_tempered_distribution(rm):
+    """The tail stage's quantity on distributions whose answer is known: one token at 0.9 and 10^4
+    sharing 0.1 (each 1e-5 < TAIL_P): p^(1/T) gives the tail 1e4 (1e-5)^(1/T) / (0.9^(1/T) + that)."""
+    import torch
+
+    head = torch.tensor([0.9], dtype=torch.float64)
+    p = torch.cat([head, torch.full((10_000,), 1e-5, dtype=torch.float64)])
+    flat = torch.full((1, 10), 0.1, dtype=torch.float64).log()  # nothing below TAIL_P: no tail
+    shares = rm.tail_share(torch.cat([p.log()[None], p.log()[None] + 3.0]), (1.0, 2.0, 4.0))
+    for t in (1.0, 2.0, 4.0):
+        tail = 1e4 * 1e-5 ** (1 / t)
+        assert shares[t].tolist() == pytest.approx([tail / (0.9 ** (1 / t) + tail)] * 2, rel=1e-9)
+    assert float(rm.tail_share(flat, (2.0,))[2.0][0]) == 0.0
 
 
 def test_stages_resume_only_with_the_same_settings(rm, tmp_path):
