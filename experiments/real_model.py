@@ -170,7 +170,8 @@ def split_data(out: Path, s: dict, seed: int) -> dict:
 # ----------------------------------------------------------------------------- 2. training
 
 
-def train(out: Path, s: dict, seed: int, threads: int) -> dict:
+def train(out: Path, s: dict, seed: int, threads: int, data_key: str) -> dict:
+    """Every model's training run; ``data_key`` (the split's settings key) ties each to its data."""
     runs = {}
     common = [
         str(CONFIG),
@@ -202,7 +203,7 @@ def train(out: Path, s: dict, seed: int, threads: int) -> dict:
     jobs["rm"] = ["train.mode=reward", "lora.enabled=false", "train.lr=1e-5"]
     for name, extra in jobs.items():
         run = out / "models" / name
-        settings = {"stage": "train", "name": name, "args": common + extra}
+        settings = {"stage": "train", "name": name, "args": common + extra, "data": data_key}
         done = cached(out / "models" / f"{name}.json", settings)
         if done and (run / "checkpoints" / "latest").is_file():
             runs[name] = done
@@ -779,8 +780,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out or ("runs/real_model_quick" if args.quick else "runs/real_model"))
     out.mkdir(parents=True, exist_ok=True)
     times, t0 = {}, time.time()
-    split_data(out, s, args.seed)
-    runs = train(out, s, args.seed, args.threads)
+    data = split_data(out, s, args.seed)
+    runs = train(out, s, args.seed, args.threads, data["settings_key"])
     times["training"] = time.time() - t0
     t1 = time.time()
     div = diversity(out, s, args.seed, args.batch_size)

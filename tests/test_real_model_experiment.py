@@ -131,7 +131,7 @@ def test_data_split_is_seeded_disjoint_and_cached(rm, tmp_path):
 def test_trained_models_are_not_retrained(rm, tmp_path, monkeypatch):
     """A finished training stage (saved settings + a latest checkpoint) is skipped: no subprocess."""
     s = dict(rm.SIZES["quick"])
-    rm.split_data(tmp_path, s, seed=0)
+    key = rm.split_data(tmp_path, s, seed=0)["settings_key"]
 
     def finished_run(cmd, **kw):
         out = Path(next(a for a in cmd if a.startswith("train.out_dir=")).split("=", 1)[1])
@@ -141,17 +141,19 @@ def test_trained_models_are_not_retrained(rm, tmp_path, monkeypatch):
         return subprocess.CompletedProcess(cmd, 0, "", "")
 
     monkeypatch.setattr(rm.subprocess, "run", finished_run)
-    runs = rm.train(tmp_path, s, seed=0, threads=1)
+    runs = rm.train(tmp_path, s, seed=0, threads=1, data_key=key)
     assert set(runs) == {*rm.MODELS, "rm"} and runs["dpo"]["losses"] == [0.7]
 
     def must_not_run(cmd, **kw):
         raise AssertionError(f"retrained: {cmd}")
 
     monkeypatch.setattr(rm.subprocess, "run", must_not_run)
-    assert rm.train(tmp_path, s, seed=0, threads=1)["rm"]["losses"] == [0.7]
+    assert rm.train(tmp_path, s, seed=0, threads=1, data_key=key)["rm"]["losses"] == [0.7]
+    with pytest.raises(AssertionError, match="retrained"):  # another split: it trains again
+        rm.train(tmp_path, s, seed=0, threads=1, data_key=rm.split_data(tmp_path, s, seed=1)["settings_key"])
     s["lr"] = 1e-4  # other settings: it trains again
     with pytest.raises(AssertionError, match="retrained"):
-        rm.train(tmp_path, s, seed=0, threads=1)
+        rm.train(tmp_path, s, seed=0, threads=1, data_key=key)
 
 
 def test_cli_errors_are_one_line(tmp_path):
