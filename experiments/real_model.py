@@ -492,13 +492,32 @@ def figures(out: Path, table: dict, bon: dict) -> list[str]:
             ]
             if not pts:
                 continue
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-" if len(pts) > 1 else "o", label=label)
+            (line,) = ax.plot(
+                [p[0] for p in pts], [p[1] for p in pts], "o-" if len(pts) > 1 else "o", label=label
+            )
+            # 95% bootstrap intervals over prompts, both axes.
+            ax.errorbar(
+                [p[0] for p in pts],
+                [p[1] for p in pts],
+                xerr=[
+                    [table[n][div]["mean"] - table[n][div]["lo"] for *_, n in pts],
+                    [table[n][div]["hi"] - table[n][div]["mean"] for *_, n in pts],
+                ],
+                yerr=[
+                    [table[n]["reward"]["mean"] - table[n]["reward"]["lo"] for *_, n in pts],
+                    [table[n]["reward"]["hi"] - table[n]["reward"]["mean"] for *_, n in pts],
+                ],
+                fmt="none",
+                ecolor=line.get_color(),
+                alpha=0.35,
+                capsize=2,
+            )
             for x, y, n in pts:
                 ax.annotate(n.split(" ", 1)[1] if " " in n else n, (x, y), fontsize=7, alpha=0.7)
         ax.set_xlabel(div.replace("_", " ") + " (diversity)")
         ax.set_ylabel("average reward (quality)")
     axes[0].legend(fontsize=7)
-    fig.suptitle("SmolLM2-135M-Instruct on HH-RLHF held-out prompts")
+    fig.suptitle("SmolLM2-135M-Instruct on HH-RLHF held-out prompts (bars: 95% bootstrap intervals)")
     fig.tight_layout()
     fig.savefig(out / "figures" / "pareto.png", dpi=120)
     plt.close(fig)
@@ -608,9 +627,7 @@ def findings(table: dict, bon: dict, ks: list[int], tail: dict | None = None) ->
     k = max(ks)
     rows = bon["settings"]
     split = "hard" if any("hard" in r["splits"] for r in rows.values()) else "all"
-    shown = [
-        f"{n} {r['splits'][split][f'pass@{k}']:.3f}" for n, r in rows.items() if split in r["splits"]
-    ]
+    shown = [f"{n} {r['splits'][split][f'pass@{k}']:.3f}" for n, r in rows.items() if split in r["splits"]]
     n_split = next((r["splits"][split]["problems"] for r in rows.values() if split in r["splits"]), 0)
     lines.append(
         f"4. *SPL raises best-of-N accuracy on hard problems* (§4.2, Figure 3): pass@{k} on the "
