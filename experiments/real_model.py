@@ -482,41 +482,47 @@ def figures(out: Path, table: dict, bon: dict) -> list[str]:
         "DPO t=1.4 + top-p / min-p": [n for n in table if "top-p" in n or "min-p" in n],
         "reference": ["reference t=1"],
     }
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, div in zip(axes, ("embedding_cosine_distance", "distinct_2"), strict=True):
-        for label, names in series.items():
-            pts = [
-                (table[n][div]["mean"], table[n]["reward"]["mean"], n)
-                for n in names
-                if table[n].get(div, {}).get("mean") is not None and table[n]["reward"]["mean"] is not None
-            ]
-            if not pts:
-                continue
-            (line,) = ax.plot(
-                [p[0] for p in pts], [p[1] for p in pts], "o-" if len(pts) > 1 else "o", label=label
-            )
-            # 95% bootstrap intervals over prompts, both axes.
-            ax.errorbar(
-                [p[0] for p in pts],
-                [p[1] for p in pts],
-                xerr=[
-                    [table[n][div]["mean"] - table[n][div]["lo"] for *_, n in pts],
-                    [table[n][div]["hi"] - table[n][div]["mean"] for *_, n in pts],
-                ],
-                yerr=[
-                    [table[n]["reward"]["mean"] - table[n]["reward"]["lo"] for *_, n in pts],
-                    [table[n]["reward"]["hi"] - table[n]["reward"]["mean"] for *_, n in pts],
-                ],
-                fmt="none",
-                ecolor=line.get_color(),
-                alpha=0.35,
-                capsize=2,
-            )
-            for x, y, n in pts:
-                ax.annotate(n.split(" ", 1)[1] if " " in n else n, (x, y), fontsize=7, alpha=0.7)
-        ax.set_xlabel(div.replace("_", " ") + " (diversity)")
-        ax.set_ylabel("average reward (quality)")
-    axes[0].legend(fontsize=7)
+    quality = {
+        "reward": "average reward (quality)",
+        "reference_cross_entropy": "reference cross-entropy, nats/token\n(quality: lower, axis inverted)",
+    }
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
+    for row, (q, qlabel) in zip(axes, quality.items(), strict=True):
+        for ax, div in zip(row, ("embedding_cosine_distance", "distinct_2"), strict=True):
+            for label, names in series.items():
+                pts = [
+                    n
+                    for n in names
+                    if table[n].get(div, {}).get("mean") is not None and table[n][q]["mean"] is not None
+                ]
+                if not pts:
+                    continue
+                xs, ys = [table[n][div]["mean"] for n in pts], [table[n][q]["mean"] for n in pts]
+                (line,) = ax.plot(xs, ys, "o-" if len(pts) > 1 else "o", label=label)
+                # 95% bootstrap intervals over prompts, both axes.
+                ax.errorbar(
+                    xs,
+                    ys,
+                    xerr=[
+                        [table[n][div]["mean"] - table[n][div]["lo"] for n in pts],
+                        [table[n][div]["hi"] - table[n][div]["mean"] for n in pts],
+                    ],
+                    yerr=[
+                        [table[n][q]["mean"] - table[n][q]["lo"] for n in pts],
+                        [table[n][q]["hi"] - table[n][q]["mean"] for n in pts],
+                    ],
+                    fmt="none",
+                    ecolor=line.get_color(),
+                    alpha=0.35,
+                    capsize=2,
+                )
+                for x, y, n in zip(xs, ys, pts, strict=True):
+                    ax.annotate(n.split(" ", 1)[1] if " " in n else n, (x, y), fontsize=7, alpha=0.7)
+            ax.set_xlabel(div.replace("_", " ") + " (diversity)")
+            ax.set_ylabel(qlabel)
+            if q == "reference_cross_entropy":
+                ax.invert_yaxis()
+    axes[0][0].legend(fontsize=7)
     fig.suptitle("SmolLM2-135M-Instruct on HH-RLHF held-out prompts (bars: 95% bootstrap intervals)")
     fig.tight_layout()
     fig.savefig(out / "figures" / "pareto.png", dpi=120)
@@ -576,30 +582,33 @@ def findings(table: dict, bon: dict, ks: list[int], tail: dict | None = None) ->
     div = "embedding_cosine_distance"
     if all(r.get(div, {}).get("mean") is None for r in table.values()):
         div = "distinct_2"
-    curve = [
-        (table[n][div]["mean"], table[n]["reward"]["mean"])
-        for n in table
-        if n.startswith("DPO t=") and " " not in n[4:] and table[n][div]["mean"] is not None
-    ]
     parts = []
-    for n in [n for n in table if n.startswith("SPL")]:
-        d, r = table[n][div], table[n]["reward"]
-        if d["mean"] is None or r["mean"] is None:
-            continue
-        at = _interpolate(curve, d["mean"])
-        if at is None:
-            where = "outside the diversity range DPO's token temperatures span"
-        elif r["lo"] > at:
-            where = f"above it (DPO's line gives {at:.3f} there; SPL's interval lies wholly above)"
-        elif r["hi"] < at:
-            where = f"below it (DPO's line gives {at:.3f} there; SPL's interval lies wholly below)"
-        else:
-            where = f"on it within the interval (DPO's line gives {at:.3f} there)"
-        parts.append(f"{n}: {div.replace('_', ' ')} {d['mean']:.3f}, reward {_ci(r)}, {where}")
+    for q, qname, higher in (("reward", "reward", True), ("reference_cross_entropy", "reference CE", False)):
+        curve = [
+            (table[n][div]["mean"], table[n][q]["mean"])
+            for n in table
+            if n.startswith("DPO t=") and " " not in n[4:] and table[n][div]["mean"] is not None
+        ]
+        for n in [n for n in table if n.startswith("SPL")]:
+            d, r = table[n][div], table[n][q]
+            if d["mean"] is None or r["mean"] is None:
+                continue
+            at = _interpolate(curve, d["mean"])
+            if at is None:
+                where = "outside the diversity range DPO's token temperatures span"
+            elif r["lo"] > at or r["hi"] < at:
+                better = (r["lo"] > at) == higher
+                verdict = "better" if better else "worse"
+                where = f"{verdict} than DPO's line ({at:.3f} there; interval clear of it)"
+            else:
+                where = f"on DPO's line within the interval ({at:.3f} there)"
+            parts.append(f"{n} {qname} {_ci(r)} at {div.replace('_', ' ')} {d['mean']:.3f}: {where}")
     lines.append(
         "2. *SPL buys diversity at less cost in quality than token temperature* (§4.1, Figure 2): each "
-        "SPL model against DPO's token-temperature line (reward interpolated at the SPL model's "
-        "diversity). " + "; ".join(parts) + "."
+        "SPL model against DPO's token-temperature line, the quality measure interpolated at the SPL "
+        "model's diversity (reward: higher is better; reference cross-entropy: lower is better). "
+        + "; ".join(parts)
+        + "."
     )
     parts = []
     for t in ("1.5", "2", "4"):

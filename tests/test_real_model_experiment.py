@@ -55,28 +55,66 @@ def ci(m: float, half: float = 0.05) -> dict:
 
 def synthetic_table(spl_reward: float) -> dict:
     table = {}
-    for t, (div, reward, nw) in {"1": (0.3, 2.0, 0.01), "1.2": (0.4, 1.6, 0.02), "1.4": (0.5, 1.0, 0.2),
-                                 "1.6": (0.6, 0.4, 0.4)}.items():
-        table[f"DPO t={t}"] = {"embedding_cosine_distance": ci(div), "reward": ci(reward),
-                               "non_word_token_rate": ci(nw, 0.005), "reference_cross_entropy": ci(2.0)}
-    table["SPL T=2 t=1"] = {"embedding_cosine_distance": ci(0.45), "reward": ci(spl_reward),
-                            "non_word_token_rate": ci(0.01), "reference_cross_entropy": ci(2.1)}
-    table["DPO T_global=2"] = {"embedding_cosine_distance": ci(0.5), "reward": ci(0.0),
-                               "non_word_token_rate": ci(0.3), "reference_cross_entropy": ci(9.0)}
+    for t, (div, reward, nw) in {
+        "1": (0.3, 2.0, 0.01),
+        "1.2": (0.4, 1.6, 0.02),
+        "1.4": (0.5, 1.0, 0.2),
+        "1.6": (0.6, 0.4, 0.4),
+    }.items():
+        table[f"DPO t={t}"] = {
+            "embedding_cosine_distance": ci(div),
+            "reward": ci(reward),
+            "non_word_token_rate": ci(nw, 0.005),
+            "reference_cross_entropy": ci(2.0),
+        }
+    table["SPL T=2 t=1"] = {
+        "embedding_cosine_distance": ci(0.45),
+        "reward": ci(spl_reward),
+        "non_word_token_rate": ci(0.01),
+        "reference_cross_entropy": ci(2.1),
+    }
+    table["DPO T_global=2"] = {
+        "embedding_cosine_distance": ci(0.5),
+        "reward": ci(0.0),
+        "non_word_token_rate": ci(0.3),
+        "reference_cross_entropy": ci(9.0),
+    }
     return table
 
 
 def test_findings_compute_each_verdict(rm):
-    bon = {"settings": {"DPO t=1": {"splits": {"all": {"problems": 4, "pass@4": 0.25},
-                                               "hard": {"problems": 2, "pass@4": 0.0}}},
-                        "SPL T=2 t=1": {"splits": {"all": {"problems": 4, "pass@4": 0.5},
-                                                   "hard": {"problems": 2, "pass@4": 0.5}}}}}
+    bon = {
+        "settings": {
+            "DPO t=1": {
+                "splits": {"all": {"problems": 4, "pass@4": 0.25}, "hard": {"problems": 2, "pass@4": 0.0}}
+            },
+            "SPL T=2 t=1": {
+                "splits": {"all": {"problems": 4, "pass@4": 0.5}, "hard": {"problems": 2, "pass@4": 0.5}}
+            },
+        }
+    }
     # DPO's token-temperature line gives 1.3 at diversity 0.45 (between t = 1.2 and 1.4).
     above = "\n".join(rm.findings(synthetic_table(1.6), bon, [1, 4]))
-    assert "above it (DPO's line gives 1.300 there" in above
+    assert (
+        "SPL T=2 t=1 reward 1.600 [1.550, 1.650] at embedding cosine distance 0.450: "
+        "better than DPO's line (1.300"
+        in above
+    )
     below = "\n".join(rm.findings(synthetic_table(1.0), bon, [1, 4]))
-    assert "below it (DPO's line gives 1.300 there" in below
-    assert "on it within the interval" in "\n".join(rm.findings(synthetic_table(1.32), bon, [1, 4]))
+    assert (
+        "reward 1.000 [0.950, 1.050] at embedding cosine distance 0.450: worse than DPO's line (1.300"
+        in below
+    )
+    assert (
+        "reward 1.320 [1.270, 1.370] at embedding cosine distance 0.450: "
+        "on DPO's line within the interval (1.300"
+        in ("\n".join(rm.findings(synthetic_table(1.32), bon, [1, 4])))
+    )
+    # Cross-entropy: lower is better. SPL's 2.1 against DPO's line at 2.0: worse, intervals clear.
+    assert (
+        "reference CE 2.100 [2.050, 2.150] at embedding cosine distance 0.450: worse than DPO's line (2.000"
+        in above
+    )
     assert "t=1.4 against t=1: higher (intervals disjoint)" in above
     assert "pass@4 on the hard split (2 GSM8K problems" in above
     assert "DPO t=1 0.000, SPL T=2 t=1 0.500" in above
@@ -108,8 +146,11 @@ def test_stages_resume_only_with_the_same_settings(rm, tmp_path):
     assert rm.cached(path, {"a": 1})["value"] == 7
     assert rm.cached(path, {"a": 2}) is None  # other settings: the stage runs again
     assert not list(tmp_path.glob("*.tmp*"))  # written atomically, nothing left behind
-    times = rm.stage_times({"dpo": {"seconds": 10.0}, "rm": {"seconds": 5.0}}, {"x": {"seconds": 2.0}},
-                           {"difficulty": {"seconds": 1.0}, "settings": {"y": {"seconds": 4.0}}})
+    times = rm.stage_times(
+        {"dpo": {"seconds": 10.0}, "rm": {"seconds": 5.0}},
+        {"x": {"seconds": 2.0}},
+        {"difficulty": {"seconds": 1.0}, "settings": {"y": {"seconds": 4.0}}},
+    )
     assert times == {"training": 15.0, "diversity": 2.0, "best-of-N": 5.0, "total": 22.0}
 
 
@@ -158,8 +199,12 @@ def test_trained_models_are_not_retrained(rm, tmp_path, monkeypatch):
 
 def test_cli_errors_are_one_line(tmp_path):
     script = ROOT / "experiments" / "real_model.py"
-    proc = subprocess.run([sys.executable, str(script), "--threads", "0", "--out", str(tmp_path)],
-                          capture_output=True, text=True, cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, str(script), "--threads", "0", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert proc.returncode == 2
     last = proc.stderr.strip().splitlines()[-1]
     assert "Traceback" not in proc.stderr, proc.stderr
