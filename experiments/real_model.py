@@ -13,7 +13,8 @@ accuracy measured on held-out pairs. One reference log-prob cache serves every p
 
 Sampling, on held-out prompts (never trained on), several responses each: the reference at t = 1;
 DPO at token temperatures 1, 1.2, 1.4, 1.6, with top-p 0.9 and min-p 0.1 at t = 1.4; DPO at
-sequence-level temperatures 1.5, 2, 4 (``spl.global_temperature``, SMC): eqs. 7-10 say SPL's optimum
+sequence-level temperatures 1.5, 2, 4 (``spl.global_temperature``, SMC with 2 particles per sample
+kept, to fit the CPU budget): eqs. 7-10 say SPL's optimum
 is DPO's optimum tempered, so these test the sampler and the training against each other; each SPL
 model at t = 1. Metrics per setting (``spl.evaluation.suites.diversity_suite``): average reward under
 the reward model (quality), per-token cross-entropy under the reference, non-word token rate,
@@ -272,6 +273,8 @@ def diversity(out: Path, s: dict, seed: int, batch_size: int) -> dict:
 
     results, todo = {}, []
     for name, model, kw in DIVERSITY:
+        if "global_temp" in kw:  # SMC particles per prompt: 2 per sample, as in best-of-N (4 is the default)
+            kw = {**kw, "num_candidates": 2 * s["samples"]}
         settings = {
             "stage": "diversity",
             "name": name,
