@@ -304,11 +304,17 @@ def _report(args, tok, stop, prompts, start, count, res, method, glob, streaming
                 out_file.write(json.dumps(record) + "\n")
             if not streaming:
                 header = f"[prompt {start + p}, sample {j}] logp={record['logp']:.2f} ({reason})"
-                print(f"{header}\n{_show(prompts[start + p])}{text}\n")
+                print(f"{header}\n{_show(prompts[start + p], tok)}{text}\n")
 
 
-def _show(prompt) -> str:
-    return prompt if isinstance(prompt, str) else "".join(f"{m['role']}: {m['content']}\n" for m in prompt)
+def _show(prompt, tok) -> str:
+    """The prompt as printed before its completion: plain text continues as written; under a chat
+    template the conversation's turns, one per line, then where the assistant's answer starts."""
+    chat = tok.chat_template is not None and tok.chat_template.name != "none"
+    if isinstance(prompt, str) and not chat:
+        return prompt
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + ("assistant: " if chat else "")
 
 
 class _Streamer:
@@ -319,7 +325,7 @@ class _Streamer:
         from spl.tokenizer import TextStream
 
         self.eos_id, self.text, self.open = tok.eos_id, TextStream(tok), True
-        print(_show(prompt), end="", flush=True)
+        print(_show(prompt, tok), end="", flush=True)
 
     def __call__(self, t: int) -> None:
         if t == self.eos_id:

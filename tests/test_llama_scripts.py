@@ -65,6 +65,9 @@ def test_sample_global_and_token_level(runs, tmp_path):
                 "--top-p", "0.9", "--num-samples", "3", "--max-new-tokens", "8", "--output", str(t)])
     rows = read(t)
     assert len(rows) == 3 and all(r["method"] == "token" and 1 <= r["num_tokens"] <= 8 for r in rows)
+    # Under ChatML the printout shows the turn and where the answer starts, not the prompt glued to it.
+    assert "[prompt 0, sample 0] logp=" in proc.stdout
+    assert f"user: {PROMPT}\nassistant: " in proc.stdout, proc.stdout[-1000:]
 
 
 def test_evaluate_diversity_and_best_of_n(runs, tmp_path):
