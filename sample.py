@@ -310,7 +310,7 @@ def _report(args, tok, stop, prompts, start, count, res, method, glob, streaming
 def _show(prompt, tok) -> str:
     """The prompt as printed before its completion: plain text continues as written; under a chat
     template the conversation's turns, one per line, then where the assistant's answer starts."""
-    chat = tok.chat_template is not None and tok.chat_template.name != "none"
+    chat = tok.poses_chat
     if isinstance(prompt, str) and not chat:
         return prompt
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt

@@ -40,6 +40,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -719,7 +720,7 @@ def report(out: Path, s: dict, mode: str, runs: dict, div: dict, bon: dict, time
         "",
         "## Best-of-N on GSM8K (§4.2)",
         "",
-        f"Reference difficulty splits: {dict(sorted(_count(bon['difficulty']['splits']).items()))}",
+        f"Reference difficulty splits: {dict(sorted(Counter(bon['difficulty']['splits'].values()).items()))}",
         "",
         "| setting | split | problems | " + " | ".join(f"pass@{k}" for k in s["ks"]) + " |",
         "|---|---|---:|" + "---:|" * len(s["ks"]),
@@ -772,13 +773,6 @@ def stage_times(runs: dict, div: dict, bon: dict) -> dict:
         + sum(r.get("seconds", 0.0) for r in bon["settings"].values()),
     }
     out["total"] = sum(out.values())
-    return out
-
-
-def _count(splits: dict) -> dict:
-    out: dict[str, int] = {}
-    for v in splits.values():
-        out[v] = out.get(v, 0) + 1
     return out
 
 

@@ -95,6 +95,11 @@ class Tokenizer:
         check_fits(template, self)  # e.g. mistral-v1 on a v3 file, whose [INST] is a control token
         self._template = template
 
+    @property
+    def poses_chat(self) -> bool:
+        """Whether prompts are posed as chat messages (a template other than "none")."""
+        return self._template is not None and self._template.name != "none"
+
     def encode_chat(self, messages: list[Message]) -> list[int]:
         return self._encode(messages).ids
 

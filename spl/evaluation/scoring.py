@@ -157,8 +157,8 @@ def load_eval_model(path: str | Path, *, name: str | None = None, adapter: str |
     except ChatTemplateError as e:
         if not (follows_policy and isinstance(e, ChatTemplateUndecided)):
             raise EvaluationError(str(e)) from None
-    chat = loaded.tokenizer.chat_template is not None and loaded.tokenizer.chat_template.name != "none"
-    return EvalModel(name or Path(path).name, Path(path), loaded.model, loaded.tokenizer, chat,
+    tok = loaded.tokenizer
+    return EvalModel(name or Path(path).name, Path(path), loaded.model, tok, tok.poses_chat,
                      loaded.has_adapter, loaded.reward_head, config, loaded.source)
 
 
